@@ -1,0 +1,110 @@
+"""Pydantic configs: one per command/job, each strict (``extra="forbid"``).
+
+A command's flags and its ``--config FILE.yaml`` keys are the same names; flags override
+the file. Validation errors name the field and what was expected.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from bert4rec.model import BERT4RecConfig
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class StorageConfig(Strict):
+    """Where S3 lives. Credentials are never configured here: they come from the boto chain
+    (environment, shared config file, instance profile)."""
+
+    endpoint_url: str | None = Field(None, description="S3-compatible endpoint, e.g. http://127.0.0.1:9000")
+    region: str | None = None
+    anon: bool = False
+    connect_timeout_s: float = Field(5.0, gt=0)
+    max_attempts: int = Field(2, ge=1)
+
+
+class GenerateConfig(Strict):
+    out: str
+    users: int = Field(2000, gt=0)
+    items: int = Field(500, gt=1)
+    seed: int = 0
+    mean_length: int = Field(40, ge=3)
+    chunk_users: int = Field(50_000, gt=0)
+    storage: StorageConfig = StorageConfig()
+
+
+class PrepareConfig(Strict):
+    interactions: str
+    out: str
+    min_rating: float | None = None
+    min_user_interactions: int = Field(5, ge=3, description="leave-one-out needs >= 3 items")
+    max_len: int = Field(200, gt=1, description="the longest history kept per user (the most recent items)")
+    until: dt.date | None = Field(None, description="keep interactions strictly before the day after this date")
+    storage: StorageConfig = StorageConfig()
+
+
+class TrainConfig(Strict):
+    data: str = Field(description="what `bert4rec prepare` wrote")
+    out: str
+    epochs: int = Field(50, gt=0)
+    workers: int = Field(1, gt=0)
+    gpu: bool = False
+    cpus_per_worker: float = Field(1.0, gt=0)
+    batch_size: int = Field(128, gt=0, description="per worker; the global batch is workers x batch_size")
+    lr: float = Field(1e-3, gt=0)
+    weight_decay: float = Field(0.01, ge=0)
+    warmup_epochs: float = Field(1.0, ge=0)
+    min_lr_ratio: float = Field(0.1, ge=0, le=1, description="cosine decay ends at lr x this")
+    mask_prob: float = Field(0.2, gt=0, lt=1)
+    last_item_mask_prob: float = Field(0.1, ge=0, le=1, description="share of sequences whose last item alone is masked")
+    samples_per_epoch: int = Field(1, ge=1, description="fresh masks of every training sequence per epoch")
+    seed: int = 0
+    keep_checkpoints: int = Field(3, ge=1)
+    max_failures: int = Field(1, ge=0, description="worker-group restarts from the latest checkpoint")
+    max_eval_users: int = Field(10_000, gt=0, description="validation users sampled for per-epoch NDCG")
+    patience: int | None = Field(None, gt=0, description="stop after this many epochs without a better val NDCG@10")
+    init_from: str | None = Field(None, description="warm start: a checkpoint whose weights initialise the model")
+    cache_dataset: bool = Field(True, description="materialise training sequences once instead of re-reading per epoch")
+    fail_after_epoch: int | None = Field(None, description="testing aid: a worker raises after this epoch's checkpoint, once")
+    model: BERT4RecConfig = BERT4RecConfig()
+    storage: StorageConfig = StorageConfig()
+
+
+class EvaluateConfig(Strict):
+    checkpoint: str
+    data: str
+    k: int = Field(10, gt=0)
+    split: Literal["test", "val"] = "test"
+    negatives: int = Field(100, gt=0, description="popularity-sampled negatives of the sampled protocol")
+    batch_size: int = Field(256, gt=0)
+    seed: int = 0
+    storage: StorageConfig = StorageConfig()
+
+
+class ScoreConfig(Strict):
+    checkpoint: str
+    histories: str
+    out: str
+    k: int = Field(10, gt=0)
+    batch_size: int = Field(512, gt=0)
+    actors: int = Field(1, gt=0)
+    gpu: bool = False
+    cpus_per_actor: float = Field(1.0, gt=0)
+    exclude: str | None = Field(None, description="Parquet of item_id, or of user_id, item_id, never recommended")
+    items: str | None = Field(None, description="Parquet of item_id, title, ...: titles ride along")
+    item_chunk_size: int = Field(262_144, gt=0, description="top-k over the catalogue in chunks of this many items")
+    fail_on_batch: int | None = Field(None, description="testing aid: a scoring actor exits on this batch, once")
+    fail_marker: str | None = Field(None, description="testing aid: file marking the injected failure as done")
+    storage: StorageConfig = StorageConfig()
+
+    @model_validator(mode="after")
+    def _failure_needs_marker(self) -> "ScoreConfig":
+        if self.fail_on_batch is not None and not self.fail_marker:
+            raise ValueError("fail_on_batch needs fail_marker (a file path that marks the failure as done)")
+        return self

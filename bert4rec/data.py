@@ -1,0 +1,234 @@
+"""Pure data transforms: interactions -> time-ordered histories, vocabulary, leave-one-out
+split, tokens, padding and Cloze masking. numpy/pyarrow/torch only; no Ray, no files.
+
+Token convention (shared with the model): 0 = padding, 1..V = items in ascending
+``item_id`` order, V+1 = [MASK].
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import torch
+
+from bert4rec.io import InputError
+
+REQUIRED_COLUMNS = ("user_id", "item_id", "timestamp")
+# MovieLens' ratings.csv spelling -> ours
+COLUMN_ALIASES = {"userId": "user_id", "movieId": "item_id", "itemId": "item_id"}
+
+
+# ---------------------------------------------------------------- interactions -> histories
+
+
+def validate_interactions(table: pa.Table, source: str) -> pa.Table:
+    """Checks an interactions table and returns it with canonical names and types.
+
+    Columns: ``user_id``, ``item_id`` (integers, no nulls), ``timestamp`` (integer seconds or a
+    timestamp type; nulls allowed, those rows are dropped and counted), optional ``rating``.
+    """
+    table = table.rename_columns([COLUMN_ALIASES.get(n, n) for n in table.column_names])
+    missing = [c for c in REQUIRED_COLUMNS if c not in table.column_names]
+    if missing:
+        raise InputError(f"{source}: missing column(s) {missing}; expected {list(REQUIRED_COLUMNS)} (+ optional rating), found {table.column_names}")
+    if table.num_rows == 0:
+        raise InputError(f"{source}: the interactions table is empty")
+    columns = {}
+    for name in ("user_id", "item_id"):
+        col = table[name]
+        if not pa.types.is_integer(col.type):
+            raise InputError(f"{source}: column {name!r} must be integer, found {col.type}")
+        if col.null_count:
+            row = int(pc.index(pc.is_null(col), True).as_py())
+            raise InputError(f"{source}: column {name!r} has {col.null_count} null value(s), first at row {row}")
+        columns[name] = col.cast(pa.int64())
+    ts = table["timestamp"]
+    if pa.types.is_timestamp(ts.type) or pa.types.is_date(ts.type):
+        ts = pc.cast(pc.cast(ts, pa.timestamp("s")), pa.int64())
+    elif not pa.types.is_integer(ts.type):
+        raise InputError(f"{source}: column 'timestamp' must be integer seconds or a timestamp, found {ts.type}")
+    columns["timestamp"] = ts.cast(pa.int64())
+    if "rating" in table.column_names:
+        r = table["rating"]
+        if not (pa.types.is_integer(r.type) or pa.types.is_floating(r.type)):
+            raise InputError(f"{source}: column 'rating' must be numeric, found {r.type}")
+        columns["rating"] = r.cast(pa.float32())
+    return pa.table(columns)
+
+
+def build_histories(
+    table: pa.Table,
+    min_rating: float | None = None,
+    min_user_interactions: int = 5,
+    max_len: int | None = None,
+) -> tuple[pa.Table, dict]:
+    """Validated interactions -> one row per user: ``user_id``, ``item_ids`` (oldest first)
+    [, ``ratings``], sorted by ``user_id``. Ties in time keep their input order.
+
+    Returns the histories and counts of what was dropped and why.
+    """
+    stats: dict = {"input_rows": table.num_rows, "dropped": {}}
+    ts_null = table["timestamp"].null_count
+    if ts_null:
+        table = table.filter(pc.is_valid(table["timestamp"]))
+    stats["dropped"]["null_timestamp"] = ts_null
+    if min_rating is not None:
+        if "rating" not in table.column_names:
+            raise InputError("--min-rating was given but the interactions have no 'rating' column")
+        keep = pc.fill_null(pc.greater_equal(table["rating"], min_rating), False)
+        stats["dropped"]["below_min_rating"] = table.num_rows - pc.sum(keep).as_py() if table.num_rows else 0
+        table = table.filter(keep)
+
+    # an explicit row number makes the sort stable for equal (user, timestamp)
+    table = table.append_column("_row", pa.array(np.arange(table.num_rows, dtype=np.int64)))
+    table = table.sort_by([("user_id", "ascending"), ("timestamp", "ascending"), ("_row", "ascending")])
+    users = table["user_id"].to_numpy()
+    starts = np.flatnonzero(np.r_[True, users[1:] != users[:-1]]) if len(users) else np.array([], dtype=np.int64)
+    lengths = np.diff(np.r_[starts, len(users)])
+
+    keep_user = lengths >= min_user_interactions
+    stats["dropped"]["short_user_rows"] = int(lengths[~keep_user].sum())
+    stats["dropped"]["short_users"] = int((~keep_user).sum())
+    starts, lengths = starts[keep_user], lengths[keep_user]
+    if max_len is not None:
+        # keep the most recent max_len items
+        cut = np.maximum(lengths - max_len, 0)
+        stats["dropped"]["truncated_rows"] = int(cut.sum())
+        starts, lengths = starts + cut, lengths - cut
+    take = np.repeat(starts - np.r_[0, np.cumsum(lengths)[:-1]], lengths) + np.arange(lengths.sum())
+    offsets = pa.array(np.r_[0, np.cumsum(lengths)].astype(np.int32))
+
+    items = table["item_id"].to_numpy()[take]
+    columns = {
+        "user_id": pa.array(users[starts] if len(starts) else np.array([], dtype=np.int64)),
+        "item_ids": pa.ListArray.from_arrays(offsets, pa.array(items)),
+    }
+    if "rating" in table.column_names:
+        ratings = table["rating"].to_numpy(zero_copy_only=False)[take].astype(np.float32)
+        columns["ratings"] = pa.ListArray.from_arrays(offsets, pa.array(ratings))
+    histories = pa.table(columns)
+    stats.update(users=histories.num_rows, interactions=int(lengths.sum()), items=int(len(np.unique(items))))
+    if histories.num_rows == 0:
+        raise InputError(f"no user has at least {min_user_interactions} interactions after filtering: {stats['dropped']}")
+    return histories, stats
+
+
+def build_vocab(histories: pa.Table) -> pa.Table:
+    """``item_id`` (ascending) -> ``token`` 1..V, with ``count``: interactions per item (popularity)."""
+    items = pc.list_flatten(histories["item_ids"]).to_numpy()
+    ids, counts = np.unique(items, return_counts=True)
+    return pa.table(
+        {
+            "item_id": pa.array(ids, pa.int64()),
+            "token": pa.array(np.arange(1, len(ids) + 1), pa.int32()),
+            "count": pa.array(counts, pa.int64()),
+        }
+    )
+
+
+# ---------------------------------------------------------------- ids -> tokens
+
+
+def to_tokens(item_ids: np.ndarray, vocab_ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Maps item ids to tokens through the sorted vocabulary ``vocab_ids`` (token = index + 1).
+
+    Returns ``(tokens, known)``; unknown ids get token 0 and ``known`` False.
+    """
+    item_ids = np.asarray(item_ids, dtype=np.int64)
+    if len(vocab_ids) == 0:
+        return np.zeros(len(item_ids), np.int64), np.zeros(len(item_ids), bool)
+    idx = np.searchsorted(vocab_ids, item_ids)
+    idx_c = np.minimum(idx, len(vocab_ids) - 1)
+    known = vocab_ids[idx_c] == item_ids
+    return np.where(known, idx_c + 1, 0).astype(np.int64), known
+
+
+def rating_levels(ratings: np.ndarray | None, n: int, levels: int = 5) -> np.ndarray:
+    """Star ratings -> embedding indices 1..levels (0 = unknown)."""
+    if ratings is None:
+        return np.zeros(n, np.int64)
+    r = np.nan_to_num(np.asarray(ratings, np.float32), nan=0.0)
+    return np.clip(np.rint(r), 0, levels).astype(np.int64)
+
+
+def list_column(table: pa.Table | pa.RecordBatch, name: str) -> tuple[np.ndarray, np.ndarray]:
+    """A list column -> (flat values, offsets) as numpy, honouring slices."""
+    col = table[name]
+    if isinstance(col, pa.ChunkedArray):
+        col = col.combine_chunks()
+    offsets = col.offsets.to_numpy()
+    values = col.values.to_numpy(zero_copy_only=False)
+    return values[offsets[0] : offsets[-1]], offsets - offsets[0]
+
+
+def pad_left(seqs: list[np.ndarray], length: int, dtype=np.int64) -> np.ndarray:
+    """Right-aligns each sequence's last ``length`` values into a (B, length) array of zeros."""
+    out = np.zeros((len(seqs), length), dtype=dtype)
+    for i, s in enumerate(seqs):
+        s = s[-length:]
+        if len(s):
+            out[i, length - len(s) :] = s
+    return out
+
+
+# ---------------------------------------------------------------- leave-one-out
+
+
+def split_point(split: str) -> int:
+    """How many trailing items a split withholds from its input: train 2, val 1 (target is
+    the second-to-last item), test 0 (target is the last item)."""
+    return {"train": 2, "val": 1, "test": 0}[split]
+
+
+def loo_examples(seqs: list[np.ndarray], split: str) -> tuple[list[np.ndarray], np.ndarray]:
+    """Leave-one-out: for each full sequence, the input history and the target.
+
+    test: input seq[:-1], target seq[-1]; val: input seq[:-2], target seq[-2].
+    """
+    cut = split_point(split)
+    inputs = [s[: len(s) - 1 - cut] if cut else s[:-1] for s in seqs]
+    targets = np.array([s[len(s) - 1 - cut] for s in seqs], dtype=np.int64)
+    return inputs, targets
+
+
+def inference_tokens(seqs: list[np.ndarray], max_len: int, mask_token: int) -> np.ndarray:
+    """Appends [MASK] after each history (never overwriting its last item), keeping the
+    last ``max_len - 1`` items: (B, max_len), left-padded."""
+    return pad_left([np.r_[s[-(max_len - 1) :], mask_token] for s in seqs], max_len)
+
+
+def inference_ratings(ratings: list[np.ndarray], max_len: int) -> np.ndarray:
+    """Rating levels aligned with :func:`inference_tokens` (the [MASK] slot is unknown, 0)."""
+    return pad_left([np.r_[r[-(max_len - 1) :], 0] for r in ratings], max_len)
+
+
+# ---------------------------------------------------------------- Cloze masking
+
+
+def mask_batch(
+    tokens: torch.Tensor,
+    mask_token: int,
+    mask_prob: float,
+    last_item_prob: float,
+    generator: torch.Generator | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Cloze masking of a (B, T) left-padded batch of training sequences.
+
+    Each item is replaced by [MASK] with probability ``mask_prob``; a share ``last_item_prob``
+    of the sequences instead have their last item alone masked (that is what inference asks
+    for). Every sequence gets at least one mask. Returns ``(inputs, labels)``: labels hold the
+    true token at masked positions and 0 elsewhere, so the target never appears in the input.
+    """
+    is_item = tokens > 0
+    rand = torch.rand(tokens.shape, generator=generator, device=tokens.device)
+    masked = (rand < mask_prob) & is_item
+    last_only = torch.rand(tokens.shape[0], generator=generator, device=tokens.device) < last_item_prob
+    last = torch.zeros_like(masked)
+    last[:, -1] = is_item[:, -1]
+    # sequences that drew no mask get their last item masked
+    last_only = last_only | ~masked.any(dim=1)
+    masked = torch.where(last_only[:, None], last, masked)
+    inputs = torch.where(masked, torch.full_like(tokens, mask_token), tokens)
+    labels = torch.where(masked, tokens, torch.zeros_like(tokens))
+    return inputs, labels

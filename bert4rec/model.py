@@ -1,0 +1,127 @@
+"""BERT4Rec (Sun et al., CIKM 2019), top to bottom in one file. Tensors in, tensors out.
+
+Tokens: 0 = padding, 1..V = items, V+1 = [MASK]. Sequences are left-padded, so the most
+recent position is always the last one, ``T - 1``.
+
+    item + position (+ rating) embeddings -> LayerNorm -> dropout
+    -> L x bidirectional Transformer encoder layers (GELU)
+    -> output head: GELU(h W + b) -> LayerNorm -> logits = . E^T + b_out  (E tied to the item embedding)
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+
+class BERT4RecConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    num_items: int | None = Field(None, gt=0, description="V; set from the vocabulary at training time")
+    max_len: int = Field(200, gt=1, description="positions, including the appended [MASK]")
+    hidden: int = Field(64, gt=0)
+    layers: int = Field(2, gt=0)
+    heads: int = Field(2, gt=0)
+    ff_mult: int = Field(4, gt=0)
+    dropout: float = Field(0.2, ge=0, lt=1)
+    attn_dropout: float = Field(0.2, ge=0, lt=1)
+    use_ratings: bool = Field(False, description="add a rating embedding (0 = unknown, 1..5 stars)")
+    rating_levels: int = Field(5, gt=0)
+
+    @model_validator(mode="after")
+    def _heads_divide_hidden(self) -> "BERT4RecConfig":
+        if self.hidden % self.heads:
+            raise ValueError(f"hidden ({self.hidden}) must be divisible by heads ({self.heads})")
+        return self
+
+    @property
+    def vocab_size(self) -> int:
+        assert self.num_items is not None, "num_items is set from the vocabulary before building the model"
+        return self.num_items + 2
+
+    @property
+    def mask_token(self) -> int:
+        return self.vocab_size - 1
+
+
+class BERT4Rec(nn.Module):
+    def __init__(self, config: BERT4RecConfig):
+        super().__init__()
+        self.config = config
+        c = config
+        self.item_emb = nn.Embedding(c.vocab_size, c.hidden, padding_idx=0)
+        self.pos_emb = nn.Embedding(c.max_len, c.hidden)
+        self.rating_emb = nn.Embedding(c.rating_levels + 1, c.hidden, padding_idx=0) if c.use_ratings else None
+        self.emb_norm = nn.LayerNorm(c.hidden)
+        self.emb_drop = nn.Dropout(c.dropout)
+        layer = nn.TransformerEncoderLayer(
+            d_model=c.hidden,
+            nhead=c.heads,
+            dim_feedforward=c.ff_mult * c.hidden,
+            dropout=c.dropout,
+            activation="gelu",
+            batch_first=True,
+        )
+        # nested tensors only speed up inference and would change output shapes under padding
+        self.encoder = nn.TransformerEncoder(layer, num_layers=c.layers, enable_nested_tensor=False)
+        self.head = nn.Linear(c.hidden, c.hidden)
+        self.head_norm = nn.LayerNorm(c.hidden)
+        self.out_bias = nn.Parameter(torch.zeros(c.vocab_size))
+        self.apply(self._init_weights)
+
+    @staticmethod
+    def _init_weights(module: nn.Module) -> None:
+        # BERT's truncated-normal(0.02) init; keeps early logits small and training stable
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            nn.init.trunc_normal_(module.weight, std=0.02, a=-0.04, b=0.04)
+        if isinstance(module, nn.Linear) and module.bias is not None:
+            nn.init.zeros_(module.bias)
+        if isinstance(module, nn.Embedding) and module.padding_idx is not None:
+            with torch.no_grad():
+                module.weight[module.padding_idx].zero_()
+
+    def encode(self, tokens: torch.Tensor, ratings: torch.Tensor | None = None) -> torch.Tensor:
+        """(B, T) tokens [, (B, T) ratings 0..5] -> (B, T, D) hidden states after the output transform."""
+        B, T = tokens.shape
+        assert T <= self.config.max_len, f"sequence length {T} > max_len {self.config.max_len}"
+        # left padding: the last input position is always position max_len - 1
+        pos = torch.arange(self.config.max_len - T, self.config.max_len, device=tokens.device)
+        x = self.item_emb(tokens) + self.pos_emb(pos)[None]  # (B, T, D)
+        if self.rating_emb is not None and ratings is not None:
+            x = x + self.rating_emb(ratings)
+        x = self.emb_drop(self.emb_norm(x))
+        x = self.encoder(x, src_key_padding_mask=tokens == 0)  # (B, T, D)
+        return self.head_norm(F.gelu(self.head(x)))  # (B, T, D)
+
+    def logits(self, h: torch.Tensor) -> torch.Tensor:
+        """(..., D) -> (..., V+2) scores over every token, through the tied item embedding."""
+        return h @ self.item_emb.weight.T + self.out_bias
+
+    def forward(
+        self,
+        tokens: torch.Tensor,
+        ratings: torch.Tensor | None = None,
+        positions: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Logits at the masked positions only (the Cloze loss needs nothing else).
+
+        tokens (B, T); positions: a (B, T) bool mask of the positions to score, default the
+        [MASK] tokens. Returns (M, V+2) for the M selected positions, in row-major order.
+        """
+        h = self.encode(tokens, ratings)  # (B, T, D)
+        if positions is None:
+            positions = tokens == self.config.mask_token
+        return self.logits(h[positions])  # (M, V+2)
+
+    def last_hidden(self, tokens: torch.Tensor, ratings: torch.Tensor | None = None) -> torch.Tensor:
+        """(B, T) sequences ending in [MASK] -> (B, D) hidden state of that last position."""
+        return self.encode(tokens, ratings)[:, -1]
+
+
+def cloze_loss(model: BERT4Rec, tokens: torch.Tensor, labels: torch.Tensor, ratings: torch.Tensor | None = None) -> torch.Tensor:
+    """Mean cross-entropy over the masked positions. labels (B, T): the true token where masked, 0 elsewhere."""
+    positions = labels > 0
+    logits = model(tokens, ratings, positions)  # (M, V+2)
+    return F.cross_entropy(logits.float(), labels[positions])
