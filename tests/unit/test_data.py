@@ -1,0 +1,138 @@
+"""Pure data transforms on tiny hand-written tables, exact expected values."""
+
+import numpy as np
+import pyarrow as pa
+import pytest
+import torch
+
+from bert4rec import data
+from bert4rec.io import InputError
+
+
+def _interactions(rows, with_rating=True):
+    cols = list(zip(*rows))
+    t = {"user_id": pa.array(cols[0], pa.int64()), "item_id": pa.array(cols[1], pa.int64()), "timestamp": pa.array(cols[2], pa.int64())}
+    if with_rating:
+        t["rating"] = pa.array(cols[3], pa.float32())
+    return pa.table(t)
+
+
+# user 2 has a tie at t=5 (items 30 then 10 in input order), user 1 is out of time order,
+# user 3 is too short
+TABLE = _interactions(
+    [
+        (2, 30, 5, 4.0),
+        (1, 10, 3, 5.0),
+        (2, 10, 5, 2.0),
+        (1, 20, 1, 3.0),
+        (3, 10, 1, 5.0),
+        (1, 30, 2, 1.0),
+        (2, 20, 9, 5.0),
+        (2, 40, 1, 3.0),
+    ]
+)
+
+
+def test_histories_are_time_ordered_with_stable_ties_and_short_users_dropped():
+    hist, stats = data.build_histories(data.validate_interactions(TABLE, "t"), min_user_interactions=3)
+    assert hist["user_id"].to_pylist() == [1, 2]
+    assert hist["item_ids"].to_pylist() == [[20, 30, 10], [40, 30, 10, 20]]
+    assert hist["ratings"].to_pylist() == [[3.0, 1.0, 5.0], [3.0, 4.0, 2.0, 5.0]]
+    assert stats["dropped"] == {"null_timestamp": 0, "short_user_rows": 1, "short_users": 1}
+    assert (stats["users"], stats["interactions"], stats["items"]) == (2, 7, 4)
+
+
+def test_min_rating_and_truncation_keep_the_most_recent_items():
+    hist, stats = data.build_histories(data.validate_interactions(TABLE, "t"), min_rating=3.0, min_user_interactions=3, max_len=2)
+    # user 1 keeps 20 (3.0) and 10 (5.0): only 2 -> dropped; user 2 keeps 40, 30, 20 -> last 2
+    assert hist["user_id"].to_pylist() == [2]
+    assert hist["item_ids"].to_pylist() == [[30, 20]]
+    assert stats["dropped"]["below_min_rating"] == 2
+    assert stats["dropped"]["truncated_rows"] == 1
+
+
+def test_null_timestamps_are_dropped_and_counted():
+    t = TABLE.set_column(2, "timestamp", pa.array([5, 3, 5, None, 1, 2, 9, 1], pa.int64()))
+    hist, stats = data.build_histories(data.validate_interactions(t, "t"), min_user_interactions=2)
+    assert stats["dropped"]["null_timestamp"] == 1
+    assert hist["item_ids"].to_pylist()[0] == [30, 10]
+
+
+@pytest.mark.parametrize(
+    "table, message",
+    [
+        (TABLE.drop_columns(["item_id"]), "missing column(s) ['item_id']"),
+        (TABLE.set_column(0, "user_id", pa.array(["a"] * 8)), "column 'user_id' must be integer, found string"),
+        (TABLE.set_column(1, "item_id", pa.array([1, 2, None, 4, 5, 6, 7, 8], pa.int64())), "column 'item_id' has 1 null value(s), first at row 2"),
+        (TABLE.slice(0, 0), "the interactions table is empty"),
+        (TABLE.set_column(2, "timestamp", pa.array(["x"] * 8)), "column 'timestamp' must be integer seconds"),
+    ],
+)
+def test_bad_interactions_are_reported_by_field(table, message):
+    with pytest.raises(InputError) as e:
+        data.validate_interactions(table, "in.parquet")
+    assert message in str(e.value)
+    assert str(e.value).startswith("in.parquet:")
+
+
+def test_movielens_csv_column_names_are_accepted():
+    t = pa.table({"userId": [1], "movieId": [2], "rating": [4.0], "timestamp": [7]})
+    assert data.validate_interactions(t, "ratings.csv").column_names == ["user_id", "item_id", "timestamp", "rating"]
+
+
+def test_vocabulary_maps_sorted_item_ids_to_tokens_1_to_v_with_counts():
+    hist, _ = data.build_histories(data.validate_interactions(TABLE, "t"), min_user_interactions=3)
+    vocab = data.build_vocab(hist)
+    assert vocab.to_pydict() == {"item_id": [10, 20, 30, 40], "token": [1, 2, 3, 4], "count": [2, 2, 2, 1]}
+    tokens, known = data.to_tokens(np.array([40, 10, 99, 20, 5]), vocab["item_id"].to_numpy())
+    assert tokens.tolist() == [4, 1, 0, 2, 0]
+    assert known.tolist() == [True, True, False, True, False]
+
+
+def test_pad_left_truncates_to_the_most_recent():
+    out = data.pad_left([np.array([1, 2, 3, 4]), np.array([5]), np.array([], np.int64)], 3)
+    assert out.tolist() == [[2, 3, 4], [0, 0, 5], [0, 0, 0]]
+
+
+def test_leave_one_out_split():
+    seqs = [np.array([1, 2, 3, 4, 5])]
+    assert [x.tolist() for x in data.loo_examples(seqs, "test")[0]] == [[1, 2, 3, 4]]
+    assert data.loo_examples(seqs, "test")[1].tolist() == [5]
+    assert [x.tolist() for x in data.loo_examples(seqs, "val")[0]] == [[1, 2, 3]]
+    assert data.loo_examples(seqs, "val")[1].tolist() == [4]
+
+
+def test_inference_appends_mask_after_the_history_never_over_the_last_item():
+    mask = 9
+    out = data.inference_tokens([np.array([1, 2, 3, 4, 5]), np.array([7])], max_len=4, mask_token=mask)
+    # keeps the last max_len - 1 = 3 items, then [MASK]
+    assert out.tolist() == [[3, 4, 5, 9], [0, 0, 7, 9]]
+    assert data.inference_ratings([np.array([5, 4, 3, 2, 1])], 4).tolist() == [[3, 2, 1, 0]]
+
+
+def test_masking_never_leaks_the_target_and_masks_at_least_one_item():
+    g = torch.Generator().manual_seed(0)
+    tokens = torch.tensor([[0, 0, 3, 4, 5, 6], [1, 2, 3, 4, 5, 6], [0, 0, 0, 0, 0, 2]])
+    mask_token = 9
+    for _ in range(50):
+        inputs, labels = data.mask_batch(tokens, mask_token, mask_prob=0.3, last_item_prob=0.2, generator=g)
+        masked = labels > 0
+        assert masked.any(dim=1).all()
+        # where masked: the input is [MASK] and the label the true item; elsewhere unchanged
+        assert torch.equal(inputs[masked], torch.full_like(inputs[masked], mask_token))
+        assert torch.equal(labels[masked], tokens[masked])
+        assert torch.equal(inputs[~masked], tokens[~masked])
+        # padding is never masked
+        assert not masked[tokens == 0].any()
+
+
+def test_last_item_only_masking():
+    tokens = torch.tensor([[0, 1, 2, 3], [4, 5, 6, 7]])
+    inputs, labels = data.mask_batch(tokens, 9, mask_prob=0.5, last_item_prob=1.0, generator=torch.Generator().manual_seed(1))
+    assert inputs.tolist() == [[0, 1, 2, 9], [4, 5, 6, 9]]
+    assert labels.tolist() == [[0, 0, 0, 3], [0, 0, 0, 7]]
+
+
+def test_rating_levels():
+    assert data.rating_levels(np.array([1.0, 4.6, np.nan, 5.0], np.float32), 4).tolist() == [1, 5, 0, 5]
+    assert data.rating_levels(None, 2).tolist() == [0, 0]

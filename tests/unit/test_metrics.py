@@ -1,0 +1,46 @@
+"""Leave-one-out evaluation on a hand-written histories table."""
+
+import numpy as np
+import pyarrow as pa
+
+from bert4rec.metrics import make_eval_set, popularity, popularity_ranks, report, sample_negatives
+
+# items 10..60 -> tokens 1..6; [MASK] = 7
+VOCAB = np.array([10, 20, 30, 40, 50, 60])
+HIST = pa.table({"user_id": [1, 2, 3], "item_ids": [[10, 20, 30, 40], [20, 10, 50], [30, 99, 10, 20]]})
+
+
+def test_eval_set_test_split():
+    e = make_eval_set(HIST, VOCAB, "test", max_len=4, mask_token=7)
+    assert e.user_ids.tolist() == [1, 2, 3]
+    assert e.targets.tolist() == [4, 5, 2]
+    # the unknown item 99 is dropped from user 3's history
+    assert e.tokens.tolist() == [[1, 2, 3, 7], [0, 2, 1, 7], [0, 3, 1, 7]]
+    assert [s.tolist() for s in e.seen] == [[1, 2, 3], [2, 1], [3, 1]]
+
+
+def test_eval_set_val_split_and_popularity_baseline():
+    e = make_eval_set(HIST, VOCAB, "val", max_len=4, mask_token=7)
+    assert e.targets.tolist() == [3, 1, 1]
+    assert [s.tolist() for s in e.seen] == [[1, 2], [2], [3]]
+    counts = popularity(e, 6)
+    assert counts.tolist() == [0, 1, 2, 1, 0, 0, 0, 0]
+    full, _ = popularity_ranks(counts, e)
+    # user 1: seen {1,2}; token 3 has count 1 and is the only one left with a count -> rank 1
+    # user 2: seen {2}; scores 1:1, 3:1 -> target 1 ties with 3, lower token first -> rank 1
+    # user 3: seen {3}; 2 has count 2 > target 1's count 1 -> rank 2
+    assert full.tolist() == [1, 1, 2]
+    m = report(full, None, k=1)
+    assert m == {"hr@1": 2 / 3, "ndcg@1": 2 / 3, "mrr": (1 + 1 + 0.5) / 3, "users": 3}
+
+
+def test_sampled_negatives_exclude_seen_items_and_the_target():
+    e = make_eval_set(HIST, VOCAB, "test", max_len=4, mask_token=7)
+    counts = np.array([0, 5, 5, 5, 5, 5, 5, 0])
+    neg = sample_negatives(e, counts, n=2, seed=0)
+    assert neg.shape == (3, 2)
+    for u in range(3):
+        forbidden = set(e.seen[u].tolist()) | {int(e.targets[u])} | {0, 7}
+        assert not set(neg[u].tolist()) & forbidden
+        assert len(set(neg[u].tolist())) == 2
+    assert np.array_equal(neg, sample_negatives(e, counts, n=2, seed=0))

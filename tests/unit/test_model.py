@@ -1,0 +1,66 @@
+"""BERT4Rec shapes and invariants on a tiny config (2 layers, d=8)."""
+
+import pytest
+import torch
+from pydantic import ValidationError
+
+from bert4rec.model import BERT4Rec, BERT4RecConfig, cloze_loss
+
+CFG = BERT4RecConfig(num_items=10, max_len=6, hidden=8, layers=2, heads=2, dropout=0.1, attn_dropout=0.1)
+
+
+def test_tokens_and_shapes():
+    assert (CFG.vocab_size, CFG.mask_token) == (12, 11)
+    model = BERT4Rec(CFG).eval()
+    tokens = torch.tensor([[0, 0, 3, 4, 11, 5], [1, 2, 3, 4, 5, 11]])
+    assert model.encode(tokens).shape == (2, 6, 8)
+    # logits only at the two [MASK] positions
+    assert model(tokens).shape == (2, 12)
+    assert model.last_hidden(tokens).shape == (2, 8)
+
+
+def test_output_layer_is_tied_to_the_item_embedding():
+    model = BERT4Rec(CFG)
+    h = torch.randn(3, 8)
+    assert torch.allclose(model.logits(h), h @ model.item_emb.weight.T + model.out_bias)
+    names = [n for n, _ in model.named_parameters()]
+    assert not any("decoder" in n or n.startswith("out.weight") for n in names)
+
+
+def test_left_padding_does_not_change_the_prediction():
+    torch.manual_seed(0)
+    model = BERT4Rec(CFG).eval()
+    short = torch.tensor([[3, 4, 11]])
+    padded = torch.tensor([[0, 0, 0, 3, 4, 11]])
+    with torch.no_grad():
+        assert torch.allclose(model.last_hidden(short), model.last_hidden(padded), atol=1e-5)
+
+
+def test_ratings_embedding_changes_the_output_only_when_enabled():
+    torch.manual_seed(0)
+    model = BERT4Rec(CFG.model_copy(update={"use_ratings": True})).eval()
+    tokens = torch.tensor([[1, 2, 3, 11]])
+    with torch.no_grad():
+        a = model.last_hidden(tokens, torch.tensor([[5, 5, 5, 0]]))
+        b = model.last_hidden(tokens, torch.tensor([[1, 1, 1, 0]]))
+    assert not torch.allclose(a, b)
+
+
+def test_cloze_loss_is_finite_and_backpropagates():
+    torch.manual_seed(0)
+    model = BERT4Rec(CFG)
+    inputs = torch.tensor([[0, 1, 11, 3], [4, 11, 6, 11]])
+    labels = torch.tensor([[0, 0, 2, 0], [0, 5, 0, 7]])
+    loss = cloze_loss(model, inputs, labels)
+    loss.backward()
+    assert torch.isfinite(loss)
+    # an untrained model is close to uniform over the 12 tokens
+    assert abs(loss.item() - torch.log(torch.tensor(12.0)).item()) < 0.5
+    assert model.item_emb.weight.grad is not None
+
+
+def test_config_checks():
+    with pytest.raises(ValidationError, match="divisible by heads"):
+        BERT4RecConfig(hidden=10, heads=3)
+    with pytest.raises(ValidationError, match="extra"):
+        BERT4RecConfig(hiden=8)
