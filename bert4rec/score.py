@@ -1,0 +1,385 @@
+"""Batch scoring: user histories -> the top-k table, published whole or not at all.
+
+    bert4rec score --checkpoint out/train --histories out/prepared/histories --out out/recs
+
+Pipeline (Ray Data, streaming):
+    read_parquet(histories)
+    -> map_batches(featurize)            CPU tasks: ids -> tokens, truncate, append [MASK]
+    -> map_batches(Scorer, actor pool)   model + top-k with seen/excluded items removed
+    -> write_parquet(<out>/_staging/<run_id>)
+then: verify one row per distinct input user -> move into <out> -> write <out>/_SUCCESS.
+
+Pure pieces (``featurize``, ``score_batch``) are plain functions; ``Scorer`` is the thin
+actor that loads the checkpoint once and calls them.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import os
+import time
+import uuid
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import torch
+
+from bert4rec import checkpoint as ckpt_lib
+from bert4rec import data, publish
+from bert4rec.config import ScoreConfig, StorageConfig
+from bert4rec.io import InputError, arrow_filesystem, filesystem, parquet_schema, read_parquet
+from bert4rec.model import BERT4Rec
+from bert4rec.ranking import chunked_topk, topk_excluding
+
+OUTPUT_SCHEMA = pa.schema(
+    [
+        ("user_id", pa.int64()),
+        ("item_ids", pa.list_(pa.int64())),
+        ("scores", pa.list_(pa.float32())),
+        ("fallback", pa.bool_()),
+        ("model_version", pa.string()),
+        ("generated_at", pa.timestamp("s", tz="UTC")),
+    ]
+)
+
+
+# ---------------------------------------------------------------- pure pieces
+
+
+def featurize(
+    batch: pa.Table,
+    vocab_ids: np.ndarray,
+    max_len: int,
+    mask_token: int,
+    use_ratings: bool,
+    exclude_users: np.ndarray | None = None,
+    exclude_tokens: np.ndarray | None = None,
+) -> pa.Table:
+    """Histories -> model inputs. Unknown item ids are dropped and counted.
+
+    Returns columns ``user_id``, ``tokens`` (fixed-size lists of max_len), ``ratings`` (the
+    same, when used), ``seen`` (list: every known token of the history plus the user's own
+    excluded tokens) and ``unknown`` (the count of dropped ids).
+    ``exclude_users``/``exclude_tokens``: per-user exclusions sorted by user.
+    """
+    flat, offsets = data.list_column(batch, "item_ids")
+    tokens, known = data.to_tokens(flat, vocab_ids)
+    n = len(offsets) - 1
+    seqs, seen, unknown = [], [], np.zeros(n, np.int64)
+    levels = None
+    if use_ratings and "ratings" in batch.column_names:
+        rflat, _ = data.list_column(batch, "ratings")
+        levels = data.rating_levels(rflat, len(rflat))
+    rseqs = []
+    users = batch["user_id"].to_numpy()
+    for i in range(n):
+        sl = slice(offsets[i], offsets[i + 1])
+        k = known[sl]
+        s = tokens[sl][k]
+        unknown[i] = int((~k).sum())
+        seqs.append(s)
+        if levels is not None:
+            rseqs.append(levels[sl][k])
+        extra = np.zeros(0, np.int64)
+        if exclude_users is not None and len(exclude_users):
+            lo, hi = np.searchsorted(exclude_users, users[i], "left"), np.searchsorted(exclude_users, users[i], "right")
+            extra = exclude_tokens[lo:hi]
+        seen.append(np.r_[s, extra])
+    # a list column, not a padded array: widths differ between batches
+    seen_offsets = pa.array(np.r_[0, np.cumsum([len(x) for x in seen])].astype(np.int32))
+    seen_values = pa.array(np.concatenate(seen) if seen else np.zeros(0, np.int64), pa.int64())
+    columns = {
+        "user_id": pa.array(users.astype(np.int64)),
+        "tokens": _fixed(data.inference_tokens(seqs, max_len, mask_token)),
+        "seen": pa.ListArray.from_arrays(seen_offsets, seen_values),
+        "unknown": pa.array(unknown),
+    }
+    if levels is not None:
+        columns["ratings"] = _fixed(data.inference_ratings(rseqs, max_len))
+    return pa.table(columns)
+
+
+def _fixed(a: np.ndarray) -> pa.FixedSizeListArray:
+    return pa.FixedSizeListArray.from_arrays(pa.array(a.reshape(-1)), a.shape[1])
+
+
+def _unfixed(col: pa.ChunkedArray | pa.Array) -> np.ndarray:
+    if isinstance(col, pa.ChunkedArray):
+        col = col.combine_chunks()
+    return col.flatten().to_numpy().reshape(len(col), col.type.list_size)
+
+
+@torch.inference_mode()
+def score_batch(
+    model: BERT4Rec,
+    tokens: torch.Tensor,
+    seen: torch.Tensor,
+    k: int,
+    ratings: torch.Tensor | None = None,
+    global_exclude: torch.Tensor | None = None,
+    popularity: torch.Tensor | None = None,
+    item_chunk_size: int = 262_144,
+    autocast_dtype: torch.dtype | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(B, T) inputs ending in [MASK] -> (scores (B, k), tokens (B, k), fallback (B,)).
+
+    Users with no known item (only [MASK] in the input) get the most popular unseen items,
+    scored by their popularity, and are flagged. Empty slots (fewer than k rankable items)
+    are token 0 with score -inf.
+    """
+    num_items = model.config.num_items
+    B = tokens.shape[0]
+    extra = global_exclude.expand(B, -1) if global_exclude is not None and len(global_exclude) else None
+    with torch.autocast(device_type=tokens.device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
+        h = model.last_hidden(tokens, ratings)  # (B, D)
+    values, top = chunked_topk(h.float(), model.item_emb.weight.float(), model.out_bias.float(), k, seen, extra, num_items, item_chunk_size)
+    fallback = (tokens[:, :-1] == 0).all(dim=1)
+    if fallback.any() and popularity is not None:
+        rows = fallback.nonzero().squeeze(1)
+        fb_extra = extra[rows] if extra is not None else None
+        pv, pt = topk_excluding(popularity.float().expand(len(rows), -1), k, seen[rows], fb_extra, num_items)
+        values[rows], top[rows] = pv.to(values.dtype), pt
+    return values, top, fallback
+
+
+def to_rows(
+    user_id: np.ndarray,
+    values: np.ndarray,
+    tokens: np.ndarray,
+    fallback: np.ndarray,
+    vocab_ids: np.ndarray,
+    model_version: str,
+    generated_at: dt.datetime,
+    titles: np.ndarray | None = None,
+) -> pa.Table:
+    """Top-k tokens -> output rows; empty slots (token 0) are left out of the lists."""
+    valid = tokens > 0
+    lengths = valid.sum(1)
+    offsets = pa.array(np.r_[0, np.cumsum(lengths)].astype(np.int32))
+    flat_tokens = tokens[valid]
+    columns = {
+        "user_id": pa.array(user_id, pa.int64()),
+        "item_ids": pa.ListArray.from_arrays(offsets, pa.array(vocab_ids[flat_tokens - 1], pa.int64())),
+        "scores": pa.ListArray.from_arrays(offsets, pa.array(values[valid].astype(np.float32))),
+        "fallback": pa.array(fallback, pa.bool_()),
+        "model_version": pa.array([model_version] * len(user_id), pa.string()),
+        "generated_at": pa.array([generated_at] * len(user_id), pa.timestamp("s", tz="UTC")),
+    }
+    schema = OUTPUT_SCHEMA
+    if titles is not None:
+        columns["titles"] = pa.ListArray.from_arrays(offsets, pa.array(titles[flat_tokens], pa.string()))
+        schema = schema.append(pa.field("titles", pa.list_(pa.string())))
+    return pa.table(columns, schema=schema)
+
+
+# ---------------------------------------------------------------- the Ray actor
+
+
+class Scorer:
+    """Loads the checkpoint once per actor; each call scores one batch of featurized users."""
+
+    def __init__(
+        self,
+        checkpoint_uri: str,
+        storage: StorageConfig,
+        k: int,
+        item_chunk_size: int,
+        use_gpu: bool,
+        global_exclude: np.ndarray,
+        titles: np.ndarray | None,
+        generated_at: dt.datetime,
+        fail_on_batch: int | None = None,
+        fail_marker: str | None = None,
+    ):
+        self.device = torch.device("cuda" if use_gpu else "cpu")
+        loaded = ckpt_lib.load(checkpoint_uri, storage)
+        self.model = loaded.model.to(self.device).eval()
+        self.vocab_ids = loaded.vocab_ids
+        self.model_version = loaded.model_version
+        pop = np.zeros(self.model.config.vocab_size, np.float32)
+        pop[1:-1] = loaded.vocab["count"].to_numpy()
+        self.popularity = torch.as_tensor(pop, device=self.device)
+        self.global_exclude = torch.tensor(np.array(global_exclude), dtype=torch.int64, device=self.device)
+        self.k, self.item_chunk_size, self.titles, self.generated_at = k, item_chunk_size, titles, generated_at
+        self.autocast_dtype = torch.bfloat16 if use_gpu else None
+        self.fail_on_batch, self.fail_marker, self.batches = fail_on_batch, fail_marker, 0
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        self.batches += 1
+        if self.fail_on_batch == self.batches and self.fail_marker and not os.path.exists(self.fail_marker):
+            open(self.fail_marker, "w").close()
+            os._exit(1)  # a hard crash of the actor process, as a lost node would look
+        dev = self.device
+        seen_flat, seen_offsets = data.list_column(batch, "seen")
+        seen = data.pad_left(np.split(seen_flat, seen_offsets[1:-1]), max(1, int(np.diff(seen_offsets).max(initial=1))))
+        ratings = torch.as_tensor(_unfixed(batch["ratings"]), device=dev) if "ratings" in batch.column_names else None
+        values, top, fallback = score_batch(
+            self.model,
+            torch.as_tensor(_unfixed(batch["tokens"]), device=dev),
+            torch.as_tensor(seen, device=dev),
+            self.k,
+            ratings,
+            self.global_exclude,
+            self.popularity,
+            self.item_chunk_size,
+            self.autocast_dtype,
+        )
+        user_id = batch["user_id"].to_numpy()
+        rows = to_rows(user_id, values.float().cpu().numpy(), top.cpu().numpy(), fallback.cpu().numpy(), self.vocab_ids, self.model_version, self.generated_at, self.titles)
+        return rows.append_column("unknown_items", batch["unknown"])
+
+
+# ---------------------------------------------------------------- driver
+
+
+def _check_histories(uri: str, storage: StorageConfig) -> tuple[np.ndarray, bool]:
+    """Schema and user_id checks before anything runs: (sorted distinct users, has ratings)."""
+    schema = parquet_schema(uri, storage)
+    for name, ok, expected in (
+        ("user_id", lambda t: pa.types.is_integer(t), "an integer"),
+        ("item_ids", lambda t: pa.types.is_list(t) or pa.types.is_large_list(t), "a list of item ids"),
+    ):
+        if name not in schema.names:
+            raise InputError(f"--histories {uri}: missing column {name!r}; expected user_id and item_ids (a list in time order), found {schema.names}")
+        if not ok(schema.field(name).type):
+            raise InputError(f"--histories {uri}: column {name!r} must be {expected}, found {schema.field(name).type}")
+    users = read_parquet(uri, storage, columns=["user_id"])["user_id"]
+    if users.null_count:
+        row = int(pc.index(pc.is_null(users), True).as_py())
+        raise InputError(f"--histories {uri}: {users.null_count} null user_id value(s), first at row {row}")
+    u = np.sort(users.to_numpy())
+    dup = u[1:][u[1:] == u[:-1]]
+    if len(dup):
+        raise InputError(f"--histories {uri}: {len(np.unique(dup))} duplicated user_id value(s), e.g. {int(dup[0])}; expected one row per user")
+    return u, "ratings" in schema.names
+
+
+def _read_exclusions(uri: str | None, storage: StorageConfig, vocab_ids: np.ndarray):
+    """--exclude -> (global tokens, per-user users sorted, per-user tokens)."""
+    empty = np.zeros(0, np.int64)
+    if uri is None:
+        return empty, None, None
+    t = read_parquet(uri, storage)
+    if "item_id" not in t.column_names or not pa.types.is_integer(t.schema.field("item_id").type):
+        raise InputError(f"--exclude {uri}: expected an integer column 'item_id' (and optionally 'user_id'), found {t.schema}")
+    tokens, known = data.to_tokens(t["item_id"].to_numpy(zero_copy_only=False), vocab_ids)
+    if "user_id" not in t.column_names:
+        return np.unique(tokens[known]), None, None
+    users = t["user_id"].to_numpy(zero_copy_only=False)[known]
+    order = np.argsort(users, kind="stable")
+    return empty, users[order], tokens[known][order]
+
+
+def _read_titles(uri: str | None, storage: StorageConfig, vocab_ids: np.ndarray) -> np.ndarray | None:
+    """--items -> titles aligned with tokens (index 0 and unknown items: None)."""
+    if uri is None:
+        return None
+    t = read_parquet(uri, storage, columns=None)
+    if "item_id" not in t.column_names or "title" not in t.column_names:
+        raise InputError(f"--items {uri}: expected columns 'item_id' and 'title', found {t.column_names}")
+    titles = np.full(len(vocab_ids) + 2, None, dtype=object)
+    tokens, known = data.to_tokens(t["item_id"].to_numpy(zero_copy_only=False), vocab_ids)
+    titles[tokens[known]] = np.asarray(t["title"].to_pylist(), dtype=object)[known]
+    return titles
+
+
+def score(cfg: ScoreConfig) -> dict:
+    """Scores every user of ``cfg.histories`` and publishes the table at ``cfg.out``."""
+    import ray
+    import ray.data
+
+    timings: dict[str, float] = {}
+    t0 = time.time()
+    loaded = ckpt_lib.load(cfg.checkpoint, cfg.storage)
+    mc = loaded.model.config
+    if cfg.k > mc.num_items:
+        raise InputError(f"--k {cfg.k} is larger than the catalogue of {mc.num_items} items in {loaded.uri}")
+    users, has_ratings = _check_histories(cfg.histories, cfg.storage)
+    vocab_ids = loaded.vocab_ids
+    global_exclude, ex_users, ex_tokens = _read_exclusions(cfg.exclude, cfg.storage, vocab_ids)
+    titles = _read_titles(cfg.items, cfg.storage, vocab_ids)
+    timings["validate_s"] = time.time() - t0
+
+    run_id = dt.datetime.now(dt.timezone.utc).strftime("%Y%m%dT%H%M%S") + "-" + uuid.uuid4().hex[:8]
+    staging = publish.staging_dir(cfg.out, run_id)
+    generated_at = dt.datetime.now(dt.timezone.utc).replace(microsecond=0)
+    hist_fs, hist_path = arrow_filesystem(cfg.histories, cfg.storage)
+    columns = ["user_id", "item_ids"] + (["ratings"] if has_ratings and mc.use_ratings else [])
+    t1 = time.time()
+    ds = ray.data.read_parquet(hist_path, filesystem=hist_fs, columns=columns, file_extensions=["parquet"])
+    ds = ds.map_batches(
+        featurize,
+        batch_format="pyarrow",
+        batch_size=cfg.batch_size,
+        fn_kwargs={
+            "vocab_ids": vocab_ids,
+            "max_len": mc.max_len,
+            "mask_token": mc.mask_token,
+            "use_ratings": mc.use_ratings,
+            "exclude_users": ex_users,
+            "exclude_tokens": ex_tokens,
+        },
+    )
+    ds = ds.map_batches(
+        Scorer,
+        fn_constructor_kwargs={
+            "checkpoint_uri": loaded.uri,
+            "storage": cfg.storage,
+            "k": cfg.k,
+            "item_chunk_size": cfg.item_chunk_size,
+            "use_gpu": cfg.gpu,
+            "global_exclude": global_exclude,
+            "titles": titles,
+            "generated_at": generated_at,
+            "fail_on_batch": cfg.fail_on_batch,
+            "fail_marker": cfg.fail_marker,
+        },
+        batch_size=cfg.batch_size,
+        batch_format="pyarrow",
+        compute=ray.data.ActorPoolStrategy(size=cfg.actors),
+        num_gpus=1 if cfg.gpu else 0,
+        num_cpus=cfg.cpus_per_actor,
+    )
+    out_fs, staging_path = arrow_filesystem(staging, cfg.storage)
+    ds.write_parquet(staging_path, filesystem=out_fs)
+    timings["score_s"] = time.time() - t1
+
+    t2 = time.time()
+    staged = read_parquet(staging, cfg.storage, columns=["user_id", "fallback", "unknown_items"])
+    out_users = np.sort(staged["user_id"].to_numpy())
+    if len(out_users) != len(users) or not np.array_equal(out_users, users):
+        missing = np.setdiff1d(users, out_users)
+        extra = len(out_users) - len(np.unique(out_users))
+        _discard(staging, cfg.storage)
+        raise RuntimeError(
+            f"output check failed: {len(out_users)} rows for {len(users)} input users "
+            f"({len(missing)} missing, {extra} duplicated); nothing published"
+        )
+    counts = {
+        "input_users": int(len(users)),
+        "fallback_users": int(pc.sum(staged["fallback"]).as_py() or 0),
+        "unknown_items": int(pc.sum(staged["unknown_items"]).as_py() or 0),
+    }
+    timings["verify_s"] = time.time() - t2
+    timings["total_s"] = time.time() - t0
+    manifest = publish.publish(
+        cfg.out,
+        staging,
+        {
+            **counts,
+            "k": cfg.k,
+            "model_version": loaded.model_version,
+            "checkpoint": loaded.uri,
+            "generated_at": generated_at.isoformat(),
+            "timings": {k: round(v, 3) for k, v in timings.items()},
+        },
+        storage=cfg.storage,
+    )
+    return {"out": cfg.out, **manifest}
+
+
+def _discard(staging: str, storage: StorageConfig) -> None:
+    fs, path = filesystem(staging, storage)
+    if fs.exists(path):
+        fs.rm(path, recursive=True)
