@@ -44,7 +44,7 @@ class PrepareConfig(Strict):
     out: str
     min_rating: float | None = None
     min_user_interactions: int = Field(5, ge=3, description="leave-one-out needs >= 3 items")
-    max_len: int = Field(200, gt=1, description="the longest history kept per user (the most recent items)")
+    max_len: int | None = Field(None, gt=1, description="keep only the most recent items of each history (default: all)")
     until: dt.date | None = Field(None, description="keep interactions strictly before the day after this date")
     storage: StorageConfig = StorageConfig()
 
@@ -63,6 +63,7 @@ class TrainConfig(Strict):
     min_lr_ratio: float = Field(0.1, ge=0, le=1, description="cosine decay ends at lr x this")
     mask_prob: float = Field(0.2, gt=0, lt=1)
     last_item_mask_prob: float = Field(0.1, ge=0, le=1, description="share of sequences whose last item alone is masked")
+    length_buckets: int = Field(8, ge=1, description="batches drawn together and grouped by length (less padding)")
     samples_per_epoch: int = Field(1, ge=1, description="fresh masks of every training sequence per epoch")
     seed: int = 0
     keep_checkpoints: int = Field(3, ge=1)

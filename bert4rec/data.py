@@ -232,3 +232,23 @@ def mask_batch(
     inputs = torch.where(masked, torch.full_like(tokens, mask_token), tokens)
     labels = torch.where(masked, tokens, torch.zeros_like(tokens))
     return inputs, labels
+
+
+def trim_padding(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Drops the leading columns that are padding in every row of a left-padded batch.
+    Positions count from the end, so the model's output is unchanged; the work shrinks."""
+    tokens = batch["tokens"]
+    used = (tokens != 0).any(dim=0)
+    first = int(used.to(torch.int8).argmax()) if used.any() else tokens.shape[1] - 1
+    return {k: v[:, first:] for k, v in batch.items()}
+
+
+def length_buckets(batch: dict[str, torch.Tensor], batch_size: int, generator: torch.Generator | None = None) -> list[dict[str, torch.Tensor]]:
+    """Splits a super-batch of N sequences into batches of similar length, in random order,
+    each trimmed of shared padding: with short and long histories mixed, most of a (B, T)
+    batch would otherwise be padding."""
+    lengths = (batch["tokens"] != 0).sum(dim=1)
+    order = torch.argsort(lengths, stable=True)
+    chunks = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
+    perm = torch.randperm(len(chunks), generator=generator).tolist()
+    return [trim_padding({k: v[chunks[i]] for k, v in batch.items()}) for i in perm]

@@ -8,6 +8,7 @@ S3-compatible server (MinIO, a test server on loopback) can be used.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import posixpath
@@ -34,24 +35,32 @@ def filesystem(uri: str, storage: StorageConfig | None = None) -> tuple[fsspec.A
     """Returns ``(fs, path)`` for ``uri``; ``path`` is what ``fs`` methods take."""
     storage = storage or StorageConfig()
     if is_s3(uri):
-        import s3fs
-
-        client_kwargs: dict[str, Any] = {}
-        if storage.endpoint_url:
-            client_kwargs["endpoint_url"] = storage.endpoint_url
-        if storage.region:
-            client_kwargs["region_name"] = storage.region
-        fs = s3fs.S3FileSystem(
-            client_kwargs=client_kwargs,
-            anon=storage.anon,
-            # fail fast on an unreachable endpoint instead of retrying for minutes
-            config_kwargs={"connect_timeout": storage.connect_timeout_s, "retries": {"max_attempts": storage.max_attempts}},
-            skip_instance_cache=True,
-        )
-        return fs, uri.split("://", 1)[1].rstrip("/")
+        return _s3(storage.model_dump_json()), uri.split("://", 1)[1].rstrip("/")
     if uri.startswith("file://"):
         uri = uri[len("file://") :]
     return fsspec.filesystem("file"), os.path.abspath(os.path.expanduser(uri))
+
+
+@functools.lru_cache(maxsize=8)
+def _s3(storage_json: str) -> fsspec.AbstractFileSystem:
+    """One S3 client per storage config and process: creating one costs a round trip."""
+    import s3fs
+
+    storage = StorageConfig.model_validate_json(storage_json)
+    client_kwargs: dict[str, Any] = {}
+    if storage.endpoint_url:
+        client_kwargs["endpoint_url"] = storage.endpoint_url
+    if storage.region:
+        client_kwargs["region_name"] = storage.region
+    return s3fs.S3FileSystem(
+        client_kwargs=client_kwargs,
+        anon=storage.anon,
+        # fail fast on an unreachable endpoint instead of retrying for minutes
+        config_kwargs={"connect_timeout": storage.connect_timeout_s, "retries": {"max_attempts": storage.max_attempts}},
+        skip_instance_cache=True,
+        # listings are cached per instance; a cached instance must see other writers
+        use_listings_cache=False,
+    )
 
 
 def arrow_filesystem(uri: str, storage: StorageConfig | None = None) -> tuple[pafs.FileSystem, str]:

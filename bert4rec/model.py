@@ -4,7 +4,7 @@ Tokens: 0 = padding, 1..V = items, V+1 = [MASK]. Sequences are left-padded, so t
 recent position is always the last one, ``T - 1``.
 
     item + position (+ rating) embeddings -> LayerNorm -> dropout
-    -> L x bidirectional Transformer encoder layers (GELU)
+    -> L x bidirectional Transformer encoder layers (GELU; pre-LN by default, post-LN as in the paper)
     -> output head: GELU(h W + b) -> LayerNorm -> logits = . E^T + b_out  (E tied to the item embedding)
 """
 
@@ -27,6 +27,10 @@ class BERT4RecConfig(BaseModel):
     ff_mult: int = Field(4, gt=0)
     dropout: float = Field(0.2, ge=0, lt=1)
     attn_dropout: float = Field(0.2, ge=0, lt=1)
+    norm_first: bool = Field(
+        True,
+        description="pre-LayerNorm encoder layers; False is the paper's post-LN (slower to leave the popularity plateau)",
+    )
     use_ratings: bool = Field(False, description="add a rating embedding (0 = unknown, 1..5 stars)")
     rating_levels: int = Field(5, gt=0)
 
@@ -63,9 +67,12 @@ class BERT4Rec(nn.Module):
             dropout=c.dropout,
             activation="gelu",
             batch_first=True,
+            norm_first=c.norm_first,
         )
         # nested tensors only speed up inference and would change output shapes under padding
-        self.encoder = nn.TransformerEncoder(layer, num_layers=c.layers, enable_nested_tensor=False)
+        # pre-LN layers leave the residual stream un-normalised: one LayerNorm closes the stack
+        final_norm = nn.LayerNorm(c.hidden) if c.norm_first else None
+        self.encoder = nn.TransformerEncoder(layer, num_layers=c.layers, norm=final_norm, enable_nested_tensor=False)
         self.head = nn.Linear(c.hidden, c.hidden)
         self.head_norm = nn.LayerNorm(c.hidden)
         self.out_bias = nn.Parameter(torch.zeros(c.vocab_size))

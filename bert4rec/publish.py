@@ -16,7 +16,8 @@ A *table* is a directory ``OUT`` (a local path or ``s3://bucket/prefix``) holdin
 (``read_table``/``published_files`` do this). Anything else in ``OUT`` -- files of a crashed
 run, ``_staging/`` -- is ignored. Plain directory readers (pyarrow, Spark, pandas) skip the
 underscore-prefixed ``_SUCCESS`` and ``_staging``, but they would also pick up orphan data
-files, so consumers should go through the manifest.
+files (and not every reader skips underscore paths), so consumers should go through the
+manifest: ``read_table(OUT)``, or ``ray.data.read_parquet(published_files(OUT))``.
 
 **Writers** (one at a time per ``OUT``: hold ``lock(...)`` for the whole run):
 
@@ -64,9 +65,10 @@ Locks
 object with exclusive-create semantics, so two runs for the same output never interleave:
 
 * local: ``os.open(path, O_CREAT | O_EXCL | O_WRONLY)``;
-* S3: a GET to see whether it exists, then a conditional PUT (``If-None-Match: *``; AWS S3
-  since 2024, recent MinIO and Ceph RGW, and moto honour it, so of racing writers exactly one
-  succeeds and the others get 412), then a read-back to check that it holds our token. On a
+* S3: a GET to see whether it exists, then a conditional PUT (``If-None-Match: *``, honoured by
+  AWS S3 since 2024 and by moto; other S3-compatible servers vary), so that of racing writers
+  exactly one succeeds and the others get 412; then a read-back to check that it holds our
+  token. On a
   server that rejects the condition with ``NotImplemented`` (or silently ignores it) this
   degrades to a best-effort check-then-PUT + read-back: two writers racing within one round
   trip could then both believe they hold the lock.
@@ -167,6 +169,18 @@ def _write_json(fs, uri: str, obj: Any, storage: StorageConfig | None) -> None:
         write_json(obj, uri, storage)
 
 
+def _read_parquet(fs, path: str, columns: list[str] | None = None) -> pa.Table:
+    """One Parquet file. Through a file object: on S3 ~4x fewer requests than
+    ``pq.read_table(path, filesystem=fs)``, which runs dataset discovery first."""
+    with fs.open(path, "rb") as f:
+        return pq.ParquetFile(f).read(columns=columns)
+
+
+def _num_rows(fs, path: str) -> int:
+    with fs.open(path, "rb") as f:
+        return pq.ParquetFile(f).metadata.num_rows
+
+
 def _rel(base: str, path: str) -> str:
     return path[len(base) :].lstrip("/")
 
@@ -233,7 +247,7 @@ def read_table(out: str, storage: StorageConfig | None = None, columns: list[str
         last_run = manifest.get("run_id")
         try:
             tables = [
-                _call(out, lambda f=f: pq.read_table(_join(s3, path, f), columns=columns, filesystem=fs))
+                _call(out, lambda f=f: _read_parquet(fs, _join(s3, path, f), columns))
                 for f in manifest["files"]
             ]
         except FileNotFoundError:
@@ -304,13 +318,13 @@ def _plan(
     rows = 0
     for f in files:
         try:
-            rows += pq.read_metadata(_join(s3, stg_path, f), filesystem=fs).num_rows
+            rows += _call(staging, lambda f=f: _num_rows(fs, _join(s3, stg_path, f)))
         except (pa.ArrowInvalid, OSError) as e:
             raise InputError(f"{_join(s3, staging, f)}: not a readable Parquet file: {e}") from e
     if rows == 0 and not allow_empty:
         raise InputError(f"{staging}: staged files hold 0 rows; refusing to publish an empty table")
     if verify is not None:
-        tables = [pq.read_table(_join(s3, stg_path, f), filesystem=fs) for f in files]
+        tables = [_read_parquet(fs, _join(s3, stg_path, f)) for f in files]
         table = pa.concat_tables(tables, promote_options="permissive") if tables else pa.table({})
         try:
             verify(table)
@@ -419,6 +433,10 @@ def publish(
     the published table untouched. No staged files, or zero rows, is an ``InputError`` unless
     ``allow_empty``. The caller must hold ``lock`` for ``out``: publish deletes other runs'
     staging dirs. See the module docstring for the steps and what a crash leaves.
+
+    If a previous ``publish`` of the same staging dir crashed, this resumes its recorded plan
+    (``verify`` is not run again: it ran before the plan was recorded). ``verify`` reads the
+    whole staged table into memory; for big tables verify in the job and pass ``None``.
     """
     manifest_extra = dict(manifest_extra or {})
     clash = RESERVED_KEYS & manifest_extra.keys()

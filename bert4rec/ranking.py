@@ -22,8 +22,11 @@ Exclusions
 ``0`` means "no item" (left padding). Ids outside ``1..V`` are ignored and
 duplicates are harmless. Excluded items get score ``-inf`` before the top-k.
 
-Scores must not be NaN (the result is then unspecified). An item whose score is
-``-inf`` (after exclusion, or straight from the caller) is treated as not rankable.
+All functions run under ``torch.no_grad()`` (their outputs carry no graph), sync the
+host at most once per item block (to test for ties at the top-k boundary) and never
+modify their inputs. Scores must not be NaN (the result is then unspecified). An item
+whose score is ``-inf`` (after exclusion, or straight from the caller) is treated as
+not rankable.
 
 Short rows
 ----------
@@ -188,6 +191,7 @@ def _streaming_topk(blocks: Iterator[tuple[int, Tensor]], k: int, batch: int, dt
 # --------------------------------------------------------------------------- top-k
 
 
+@torch.no_grad()
 def topk_excluding(
     scores: Tensor,
     k: int,
@@ -241,6 +245,7 @@ def topk_excluding(
     return _streaming_topk(blocks(), k, batch, scores.dtype, scores.device)
 
 
+@torch.no_grad()
 def chunked_topk(
     hidden: Tensor,
     item_weight: Tensor,
@@ -312,6 +317,7 @@ def _check_target(target: Tensor, batch: int, n_items: int) -> Tensor:
     return target
 
 
+@torch.no_grad()
 def rank_of_target(
     scores: Tensor,
     target: Tensor,
@@ -370,6 +376,7 @@ def rank_of_target(
     return count + 1
 
 
+@torch.no_grad()
 def sampled_rank_of_target(scores: Tensor, target: Tensor, negatives: Tensor) -> Tensor:
     """1-based rank of the target among itself and ``M`` sampled negatives.
 

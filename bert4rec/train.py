@@ -171,7 +171,13 @@ def train_loop_per_worker(loop_config: dict) -> None:
         gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + epoch * 1_009 + rank)
         losses, seqs = [], 0
         for _ in range(cfg.samples_per_epoch):
-            batches = shard.iter_torch_batches(batch_size=cfg.batch_size, local_shuffle_buffer_size=4 * cfg.batch_size, local_shuffle_seed=cfg.seed + epoch, device="cpu")
+            supers = shard.iter_torch_batches(
+                batch_size=cfg.batch_size * cfg.length_buckets,
+                local_shuffle_buffer_size=4 * cfg.batch_size * cfg.length_buckets,
+                local_shuffle_seed=cfg.seed + epoch,
+                device="cpu",
+            )
+            batches = (b for s in supers for b in data.length_buckets(s, cfg.batch_size, gen))
             loss, n = train_epoch(model, batches, optimizer, scheduler, cfg, model_cfg.mask_token, gen, device, autocast_dtype)
             losses.append(loss)
             seqs += n

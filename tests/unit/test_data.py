@@ -136,3 +136,20 @@ def test_last_item_only_masking():
 def test_rating_levels():
     assert data.rating_levels(np.array([1.0, 4.6, np.nan, 5.0], np.float32), 4).tolist() == [1, 5, 0, 5]
     assert data.rating_levels(None, 2).tolist() == [0, 0]
+
+
+def test_trim_padding_drops_only_shared_leading_padding():
+    batch = {"tokens": torch.tensor([[0, 0, 0, 1, 2], [0, 0, 3, 4, 5]]), "ratings": torch.tensor([[0, 0, 0, 5, 4], [0, 0, 1, 2, 3]])}
+    out = data.trim_padding(batch)
+    assert out["tokens"].tolist() == [[0, 1, 2], [3, 4, 5]]
+    assert out["ratings"].tolist() == [[0, 5, 4], [1, 2, 3]]
+
+
+def test_length_buckets_group_similar_lengths_and_keep_every_row():
+    tokens = torch.tensor([[0, 0, 0, 1], [1, 2, 3, 4], [0, 0, 5, 6], [7, 8, 9, 1], [0, 0, 0, 2]])
+    batches = data.length_buckets({"tokens": tokens}, batch_size=2, generator=torch.Generator().manual_seed(0))
+    rows = sorted(tuple(r[r > 0].tolist()) for b in batches for r in b["tokens"])
+    assert rows == sorted(tuple(r[r > 0].tolist()) for r in tokens)
+    widths = sorted(b["tokens"].shape[1] for b in batches)
+    # lengths 1,1 | 2,4 | 4 -> widths 1, 4, 4
+    assert widths == [1, 4, 4]

@@ -1,0 +1,50 @@
+"""Shared fixtures. Tiers: tests/unit (no Ray), tests/ray (one local Ray cluster per
+session), tests/s3 (a moto S3 server on loopback), tests/jobs (ray start --head + ray job
+submit), tests/gpu (skipped without CUDA)."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+# small enough to train in seconds on 2 CPU cores, big enough to beat popularity clearly
+TINY_MODEL = {"max_len": 30, "hidden": 32, "layers": 2, "heads": 2, "dropout": 0.1, "attn_dropout": 0.1}
+TINY_TRAIN = {"batch_size": 64, "lr": 0.003, "samples_per_epoch": 4, "warmup_epochs": 0.5, "cpus_per_worker": 0.5}
+
+
+@pytest.fixture(scope="session")
+def ray_session():
+    """One local Ray cluster for the whole test session."""
+    import ray
+
+    os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+    if not ray.is_initialized():
+        ray.init(num_cpus=2, object_store_memory=2 * 1024**3, include_dashboard=False, logging_level="WARNING")
+    yield ray
+
+
+@pytest.fixture(scope="session")
+def synthetic_data(tmp_path_factory):
+    """A generated interactions table and what `prepare` makes of it (no Ray needed)."""
+    from bert4rec.config import PrepareConfig
+    from bert4rec.prepare import prepare
+    from bert4rec.synthetic import generate
+
+    root = tmp_path_factory.mktemp("synthetic")
+    raw, prepared = str(root / "raw"), str(root / "prepared")
+    generate(raw, users=600, items=200, seed=0, mean_length=25)
+    prepare(PrepareConfig(interactions=raw, out=prepared))
+    return {"raw": raw, "prepared": prepared, "histories": str(root / "prepared" / "histories")}
+
+
+@pytest.fixture(scope="session")
+def trained_run(ray_session, synthetic_data, tmp_path_factory):
+    """A short 2-worker training run on the synthetic data, shared by the scoring tests."""
+    from bert4rec.config import TrainConfig
+    from bert4rec.train import train
+
+    out = str(tmp_path_factory.mktemp("train") / "run")
+    cfg = TrainConfig(data=synthetic_data["prepared"], out=out, epochs=4, workers=2, model=TINY_MODEL, **TINY_TRAIN)
+    summary = train(cfg)
+    return {"out": out, "summary": summary, "config": cfg}
