@@ -10,7 +10,7 @@ import pytest
 
 # small enough to train in seconds on 2 CPU cores, big enough to beat popularity clearly
 TINY_MODEL = {"max_len": 30, "hidden": 32, "layers": 2, "heads": 2, "dropout": 0.1, "attn_dropout": 0.1}
-TINY_TRAIN = {"batch_size": 64, "lr": 0.003, "samples_per_epoch": 4, "warmup_epochs": 0.5, "cpus_per_worker": 0.5}
+TINY_TRAIN = {"batch_size": 32, "lr": 0.003, "samples_per_epoch": 8, "warmup_epochs": 0.5, "cpus_per_worker": 0.5}
 
 
 @pytest.fixture(scope="session")
@@ -45,6 +45,6 @@ def trained_run(ray_session, synthetic_data, tmp_path_factory):
     from bert4rec.train import train
 
     out = str(tmp_path_factory.mktemp("train") / "run")
-    cfg = TrainConfig(data=synthetic_data["prepared"], out=out, epochs=4, workers=2, model=TINY_MODEL, **TINY_TRAIN)
+    cfg = TrainConfig(data=synthetic_data["prepared"], out=out, epochs=5, workers=2, model=TINY_MODEL, **TINY_TRAIN)
     summary = train(cfg)
     return {"out": out, "summary": summary, "config": cfg}
