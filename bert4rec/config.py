@@ -39,19 +39,20 @@ class GenerateConfig(Strict):
     storage: StorageConfig = StorageConfig()
 
 
-class PrepareConfig(Strict):
-    interactions: str
-    out: str
+class PrepareSettings(Strict):
     min_rating: float | None = None
     min_user_interactions: int = Field(5, ge=3, description="leave-one-out needs >= 3 items")
     max_len: int | None = Field(None, gt=1, description="keep only the most recent items of each history (default: all)")
-    until: dt.date | None = Field(None, description="keep interactions strictly before the day after this date")
+
+
+class PrepareConfig(PrepareSettings):
+    interactions: str
+    out: str
+    until: dt.date | None = Field(None, description="keep interactions up to and including this date (UTC)")
     storage: StorageConfig = StorageConfig()
 
 
-class TrainConfig(Strict):
-    data: str = Field(description="what `bert4rec prepare` wrote")
-    out: str
+class TrainSettings(Strict):
     epochs: int = Field(50, gt=0)
     workers: int = Field(1, gt=0)
     gpu: bool = False
@@ -70,10 +71,15 @@ class TrainConfig(Strict):
     max_failures: int = Field(1, ge=0, description="worker-group restarts from the latest checkpoint")
     max_eval_users: int = Field(10_000, gt=0, description="validation users sampled for per-epoch NDCG")
     patience: int | None = Field(None, gt=0, description="stop after this many epochs without a better val NDCG@10")
-    init_from: str | None = Field(None, description="warm start: a checkpoint whose weights initialise the model")
     cache_dataset: bool = Field(True, description="materialise training sequences once instead of re-reading per epoch")
     fail_after_epoch: int | None = Field(None, description="testing aid: a worker raises after this epoch's checkpoint, once")
     model: BERT4RecConfig = BERT4RecConfig()
+
+
+class TrainConfig(TrainSettings):
+    data: str = Field(description="what `bert4rec prepare` wrote")
+    out: str
+    init_from: str | None = Field(None, description="warm start: a checkpoint whose weights initialise the model")
     storage: StorageConfig = StorageConfig()
 
 
@@ -88,10 +94,7 @@ class EvaluateConfig(Strict):
     storage: StorageConfig = StorageConfig()
 
 
-class ScoreConfig(Strict):
-    checkpoint: str
-    histories: str
-    out: str
+class ScoreSettings(Strict):
     k: int = Field(10, gt=0)
     batch_size: int = Field(512, gt=0)
     actors: int = Field(1, gt=0)
@@ -102,10 +105,39 @@ class ScoreConfig(Strict):
     item_chunk_size: int = Field(262_144, gt=0, description="top-k over the catalogue in chunks of this many items")
     fail_on_batch: int | None = Field(None, description="testing aid: a scoring actor exits on this batch, once")
     fail_marker: str | None = Field(None, description="testing aid: file marking the injected failure as done")
-    storage: StorageConfig = StorageConfig()
 
     @model_validator(mode="after")
-    def _failure_needs_marker(self) -> "ScoreConfig":
+    def _failure_needs_marker(self) -> "ScoreSettings":
         if self.fail_on_batch is not None and not self.fail_marker:
             raise ValueError("fail_on_batch needs fail_marker (a file path that marks the failure as done)")
         return self
+
+
+class ScoreConfig(ScoreSettings):
+    checkpoint: str
+    histories: str
+    out: str
+    storage: StorageConfig = StorageConfig()
+
+
+class GateConfig(Strict):
+    """The quality gate: a new model is published only if it clears both bars."""
+
+    min_ndcg: float = Field(0.0, ge=0, le=1, description="validation NDCG@10 floor")
+    max_drop: float = Field(0.2, ge=0, le=1, description="largest allowed relative drop vs the last published model")
+
+
+class NightlyConfig(Strict):
+    """``bert4rec nightly``: prepare -> train -> gate -> evaluate -> score -> publish -> report."""
+
+    interactions: str = Field(description="a Parquet table or a dt=YYYY-MM-DD partitioned directory")
+    out: str = Field(description="root of the published tables: <out>/dt=YYYY-MM-DD/, <out>/latest")
+    date: dt.date | None = Field(None, description="the run date (UTC); default today")
+    work: str | None = Field(None, description="prepared data and training runs; default <out>/_work")
+    warm_start: Literal["auto", "never"] = Field("auto", description="auto: from the last published model when its architecture matches")
+    lock_stale_after_s: float = Field(6 * 3600, gt=0)
+    prepare: PrepareSettings = PrepareSettings()
+    train: TrainSettings = TrainSettings()
+    gate: GateConfig = GateConfig()
+    score: ScoreSettings = ScoreSettings()
+    storage: StorageConfig = StorageConfig()

@@ -75,7 +75,8 @@ object with exclusive-create semantics, so two runs for the same output never in
 
 A lock held by someone else raises ``LockHeld`` naming the holder and since when, unless it is
 older than ``stale_after_s`` (default 6 h, by the ``acquired_at_epoch`` written in it, else the
-file's modification time): then it is taken over (local: rename the stale file away and check it
+file's modification time), or was taken on this host by a process that is gone (a killed run):
+then it is taken over (local: rename the stale file away and check it
 was the one we judged stale; S3: PUT with ``If-Match: <stale ETag>``). The lock is released
 (deleted, only if it is still ours: S3 uses ``DeleteObject`` with ``If-Match: <our ETag>``) when
 the block exits, exception or not. There is no heartbeat: choose ``stale_after_s`` longer than
@@ -563,6 +564,20 @@ def _age(held: dict | None, fallback_epoch: float) -> float:
     return max(0.0, time.time() - started)
 
 
+def _holder_gone(held: dict | None) -> bool:
+    """True when the lock was taken on this host by a process that no longer runs (a killed
+    run): such a lock is stale whatever its age."""
+    if not held or held.get("host") != socket.gethostname() or not isinstance(held.get("pid"), int):
+        return False
+    try:
+        os.kill(held["pid"], 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        return False
+    return False
+
+
 def _held_error(uri: str, held: dict | None, age: float) -> LockHeld:
     holder = str(held.get("owner", "?")) if held else "unknown (unreadable lock file)"
     since = str(held.get("acquired_at", "?")) if held else "?"
@@ -596,7 +611,7 @@ class _LocalLock:
                     continue  # released meanwhile: try again
                 held, st = seen
                 age = _age(held, st.st_mtime)
-                if age < self.stale_after_s:
+                if age < self.stale_after_s and not _holder_gone(held):
                     raise _held_error(self.uri, held, age) from None
                 self._take_over(held, st, age)
                 continue
@@ -690,7 +705,7 @@ class _S3Lock:
                 continue
             held, held_etag, mtime = seen
             age = _age(held, mtime)
-            if age < self.stale_after_s:
+            if age < self.stale_after_s and not _holder_gone(held):
                 raise _held_error(self.uri, held, age)
             try:
                 # replace exactly the object we judged stale; a concurrent taker makes this fail

@@ -39,7 +39,8 @@ OUTPUT_SCHEMA = pa.schema(
         ("scores", pa.list_(pa.float32())),
         ("fallback", pa.bool_()),
         ("model_version", pa.string()),
-        ("generated_at", pa.timestamp("s", tz="UTC")),
+        # ms, not s: Parquet has no second unit, so a published "s" column reads back as "ms"
+        ("generated_at", pa.timestamp("ms", tz="UTC")),
     ]
 )
 
@@ -164,7 +165,7 @@ def to_rows(
         "scores": pa.ListArray.from_arrays(offsets, pa.array(values[valid].astype(np.float32))),
         "fallback": pa.array(fallback, pa.bool_()),
         "model_version": pa.array([model_version] * len(user_id), pa.string()),
-        "generated_at": pa.array([generated_at] * len(user_id), pa.timestamp("s", tz="UTC")),
+        "generated_at": pa.array([generated_at] * len(user_id), OUTPUT_SCHEMA.field("generated_at").type),
     }
     schema = OUTPUT_SCHEMA
     if titles is not None:
@@ -238,7 +239,7 @@ def _check_histories(uri: str, storage: StorageConfig) -> tuple[np.ndarray, bool
     schema = parquet_schema(uri, storage)
     for name, ok, expected in (
         ("user_id", lambda t: pa.types.is_integer(t), "an integer"),
-        ("item_ids", lambda t: pa.types.is_list(t) or pa.types.is_large_list(t), "a list of item ids"),
+        ("item_ids", lambda t: (pa.types.is_list(t) or pa.types.is_large_list(t)) and pa.types.is_integer(t.value_type), "a list of integer item ids"),
     ):
         if name not in schema.names:
             raise InputError(f"--histories {uri}: missing column {name!r}; expected user_id and item_ids (a list in time order), found {schema.names}")
@@ -284,8 +285,9 @@ def _read_titles(uri: str | None, storage: StorageConfig, vocab_ids: np.ndarray)
     return titles
 
 
-def score(cfg: ScoreConfig) -> dict:
-    """Scores every user of ``cfg.histories`` and publishes the table at ``cfg.out``."""
+def score(cfg: ScoreConfig, manifest_extra: dict | None = None) -> dict:
+    """Scores every user of ``cfg.histories`` and publishes the table at ``cfg.out``;
+    ``manifest_extra`` is added to its manifest."""
     import ray
     import ray.data
 
@@ -373,6 +375,7 @@ def score(cfg: ScoreConfig) -> dict:
             "checkpoint": loaded.uri,
             "generated_at": generated_at.isoformat(),
             "timings": {k: round(v, 3) for k, v in timings.items()},
+            **(manifest_extra or {}),
         },
         storage=cfg.storage,
     )
