@@ -70,6 +70,7 @@ class TrainSettings(Strict):
     keep_checkpoints: int = Field(3, ge=1)
     max_failures: int = Field(1, ge=0, description="worker-group restarts from the latest checkpoint")
     max_eval_users: int = Field(10_000, gt=0, description="validation users sampled for per-epoch NDCG")
+    time_budget_s: float | None = Field(None, gt=0, description="stop after the epoch that passes this much training time")
     patience: int | None = Field(None, gt=0, description="stop after this many epochs without a better val NDCG@10")
     cache_dataset: bool = Field(True, description="materialise training sequences once instead of re-reading per epoch")
     fail_after_epoch: int | None = Field(None, description="testing aid: a worker raises after this epoch's checkpoint, once")

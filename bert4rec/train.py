@@ -166,6 +166,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
     shard = ray.train.get_dataset_shard("train")
     best = max((h["val_ndcg@10"] for h in history), default=float("-inf"))
     since_best = 0
+    loop_start = time.time()
     for epoch in range(start_epoch, cfg.epochs + 1):
         t0 = time.time()
         gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + epoch * 1_009 + rank)
@@ -183,7 +184,8 @@ def train_loop_per_worker(loop_config: dict) -> None:
             seqs += n
         train_s = time.time() - t0
         sums = eval_epoch(core, val_set, device)
-        totals = torch.tensor([sums["ndcg@10"], sums["hr@10"], sums["mrr"], sums["n"], float(np.mean(losses)), float(seqs)], dtype=torch.float64, device=device)
+        elapsed = time.time() - loop_start
+        totals = torch.tensor([sums["ndcg@10"], sums["hr@10"], sums["mrr"], sums["n"], float(np.mean(losses)), float(seqs), elapsed], dtype=torch.float64, device=device)
         if world > 1:
             torch.distributed.all_reduce(totals)
         n_val = max(1.0, totals[3].item())
@@ -228,6 +230,9 @@ def train_loop_per_worker(loop_config: dict) -> None:
         else:
             since_best += 1
         if cfg.patience is not None and since_best >= cfg.patience:
+            break
+        # every rank sees the same all-reduced figure, so all of them stop together
+        if cfg.time_budget_s is not None and totals[6].item() / world >= cfg.time_budget_s:
             break
 
 

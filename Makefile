@@ -1,0 +1,34 @@
+# Two commands from a fresh clone:
+#   make demo   generate data, run the nightly job end to end (local Ray, local disk), print the table's path
+#   make test   the whole test suite
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PYTHON ?= python3
+STAMP := $(VENV)/.installed
+
+.PHONY: demo test test-fast bench clean
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	# the CPU build first: an unpinned torch would pull several GB of CUDA packages
+	$(PY) -m pip install --quiet "torch==2.13.0"
+	$(PY) -m pip install --quiet -e ".[dev]"
+	touch $(STAMP)
+
+demo: $(STAMP)
+	@test -f demo-output/interactions/part-00000.parquet || \
+		$(VENV)/bin/bert4rec generate --out demo-output/interactions --users 3000 --items 800 --seed 0 > /dev/null
+	$(PY) jobs/nightly.py --config configs/nightly.yaml
+	@echo
+	@echo "Recommendations: $$(pwd)/demo-output/recommendations/$$($(PY) -c 'import json;print(json.load(open("demo-output/recommendations/latest"))["path"])')"
+	@echo "Report:          $$(pwd)/demo-output/recommendations/$$($(PY) -c 'import json;print(json.load(open("demo-output/recommendations/latest"))["path"])')/_report/report.md"
+
+test: $(STAMP)
+	$(PY) -m pytest
+
+test-fast: $(STAMP)
+	$(PY) -m pytest tests/unit
+
+clean:
+	rm -rf demo-output .pytest_cache
