@@ -50,6 +50,45 @@ class BERT4RecConfig(BaseModel):
         return self.vocab_size - 1
 
 
+class SelfAttention(nn.Module):
+    """Bidirectional multi-head self-attention; padding keys are never attended to."""
+
+    def __init__(self, c: BERT4RecConfig):
+        super().__init__()
+        self.heads = c.heads
+        self.qkv = nn.Linear(c.hidden, 3 * c.hidden)
+        self.proj = nn.Linear(c.hidden, c.hidden)
+        self.attn_dropout = c.attn_dropout
+
+    def forward(self, x: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+        """x (B, T, D), keep (B, 1, 1, T) True for real tokens -> (B, T, D)."""
+        B, T, D = x.shape
+        q, k, v = self.qkv(x).view(B, T, 3, self.heads, D // self.heads).permute(2, 0, 3, 1, 4)  # 3 x (B, H, T, hd)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=keep, dropout_p=self.attn_dropout if self.training else 0.0)  # (B, H, T, hd)
+        return self.proj(y.transpose(1, 2).reshape(B, T, D))
+
+
+class TransformerLayer(nn.Module):
+    """Attention and a GELU feed-forward, each with dropout and a residual connection;
+    LayerNorm before each sub-layer (pre-LN) or after the residual sum (post-LN, the paper)."""
+
+    def __init__(self, c: BERT4RecConfig):
+        super().__init__()
+        self.norm_first = c.norm_first
+        self.attn = SelfAttention(c)
+        self.norm1 = nn.LayerNorm(c.hidden)
+        self.ff = nn.Sequential(nn.Linear(c.hidden, c.ff_mult * c.hidden), nn.GELU(), nn.Linear(c.ff_mult * c.hidden, c.hidden))
+        self.norm2 = nn.LayerNorm(c.hidden)
+        self.drop = nn.Dropout(c.dropout)
+
+    def forward(self, x: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+        if self.norm_first:
+            x = x + self.drop(self.attn(self.norm1(x), keep))
+            return x + self.drop(self.ff(self.norm2(x)))
+        x = self.norm1(x + self.drop(self.attn(x, keep)))
+        return self.norm2(x + self.drop(self.ff(x)))
+
+
 class BERT4Rec(nn.Module):
     def __init__(self, config: BERT4RecConfig):
         super().__init__()
@@ -60,19 +99,9 @@ class BERT4Rec(nn.Module):
         self.rating_emb = nn.Embedding(c.rating_levels + 1, c.hidden, padding_idx=0) if c.use_ratings else None
         self.emb_norm = nn.LayerNorm(c.hidden)
         self.emb_drop = nn.Dropout(c.dropout)
-        layer = nn.TransformerEncoderLayer(
-            d_model=c.hidden,
-            nhead=c.heads,
-            dim_feedforward=c.ff_mult * c.hidden,
-            dropout=c.dropout,
-            activation="gelu",
-            batch_first=True,
-            norm_first=c.norm_first,
-        )
-        # nested tensors only speed up inference and would change output shapes under padding
+        self.layers = nn.ModuleList(TransformerLayer(c) for _ in range(c.layers))
         # pre-LN layers leave the residual stream un-normalised: one LayerNorm closes the stack
-        final_norm = nn.LayerNorm(c.hidden) if c.norm_first else None
-        self.encoder = nn.TransformerEncoder(layer, num_layers=c.layers, norm=final_norm, enable_nested_tensor=False)
+        self.final_norm = nn.LayerNorm(c.hidden) if c.norm_first else nn.Identity()
         self.head = nn.Linear(c.hidden, c.hidden)
         self.head_norm = nn.LayerNorm(c.hidden)
         self.out_bias = nn.Parameter(torch.zeros(c.vocab_size))
@@ -99,7 +128,10 @@ class BERT4Rec(nn.Module):
         if self.rating_emb is not None and ratings is not None:
             x = x + self.rating_emb(ratings)
         x = self.emb_drop(self.emb_norm(x))
-        x = self.encoder(x, src_key_padding_mask=tokens == 0)  # (B, T, D)
+        keep = (tokens != 0)[:, None, None, :]  # (B, 1, 1, T): attend to real tokens only
+        for layer in self.layers:
+            x = layer(x, keep)  # (B, T, D)
+        x = self.final_norm(x)
         return self.head_norm(F.gelu(self.head(x)))  # (B, T, D)
 
     def logits(self, h: torch.Tensor) -> torch.Tensor:
