@@ -92,6 +92,8 @@ def _call(uri: str, fn):
         name = type(e).__name__
         if any(s in name for s in ("Endpoint", "Connect", "ClientOSError", "Timeout")) or "connect" in str(e).lower():
             raise InputError(f"cannot reach storage for {uri}: {name}: {e}") from e
+        if "Credentials" in name:
+            raise InputError(f"no credentials for {uri}: set them in the environment, the AWS config or an instance profile ({name})") from e
         raise
 
 

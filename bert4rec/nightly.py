@@ -32,7 +32,7 @@ import uuid
 from bert4rec import checkpoint as ckpt_lib
 from bert4rec import publish
 from bert4rec.config import EvaluateConfig, NightlyConfig, PrepareConfig, ScoreConfig, TrainConfig
-from bert4rec.io import InputError, join
+from bert4rec.io import join
 from bert4rec.report import write_report
 
 log = logging.getLogger(__name__)
@@ -144,6 +144,9 @@ def _run(cfg: NightlyConfig, date: dt.date, part: str, table_uri: str, work: str
         write_report(report, join(work, "_report"), cfg.storage)
         raise GateFailed(f"{part}: {reason}; nothing published, latest unchanged")
 
+    # operators (and the job tests) watch for this line: from here on, a stopped run is a
+    # run killed while scoring
+    log.info("%s: scoring %d users with model %s into %s", part, prepared["users"], summary["model_version"], table_uri)
     t = time.time()
     scored = score(
         ScoreConfig(

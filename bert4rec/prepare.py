@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import datetime as dt
 import io as _io
-import posixpath
 import re
 
 import pandas as pd

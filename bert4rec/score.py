@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import datetime as dt
 import os
+import socket
 import time
 import uuid
 
@@ -28,7 +29,7 @@ import torch
 from bert4rec import checkpoint as ckpt_lib
 from bert4rec import data, publish
 from bert4rec.config import ScoreConfig, StorageConfig
-from bert4rec.io import InputError, arrow_filesystem, filesystem, parquet_schema, read_parquet
+from bert4rec.io import InputError, arrow_filesystem, filesystem, join, parquet_schema, read_parquet
 from bert4rec.model import BERT4Rec
 from bert4rec.ranking import chunked_topk, topk_excluding
 
@@ -288,8 +289,6 @@ def _read_titles(uri: str | None, storage: StorageConfig, vocab_ids: np.ndarray)
 def score(cfg: ScoreConfig, manifest_extra: dict | None = None) -> dict:
     """Scores every user of ``cfg.histories`` and publishes the table at ``cfg.out``;
     ``manifest_extra`` is added to its manifest."""
-    import ray
-    import ray.data
 
     timings: dict[str, float] = {}
     t0 = time.time()
@@ -303,6 +302,18 @@ def score(cfg: ScoreConfig, manifest_extra: dict | None = None) -> dict:
     titles = _read_titles(cfg.items, cfg.storage, vocab_ids)
     timings["validate_s"] = time.time() - t0
 
+    # one writer per output: a second run of the same --out waits for nothing and fails fast
+    owner = f"score {socket.gethostname()}:{os.getpid()} {uuid.uuid4().hex[:8]}"
+    with publish.lock(join(cfg.out, "_lock"), owner, cfg.storage):
+        return _score_and_publish(cfg, loaded, users, has_ratings, global_exclude, ex_users, ex_tokens, titles, timings, t0, manifest_extra)
+
+
+def _score_and_publish(cfg, loaded, users, has_ratings, global_exclude, ex_users, ex_tokens, titles, timings, t0, manifest_extra) -> dict:
+    import ray
+    import ray.data
+
+    mc = loaded.model.config
+    vocab_ids = loaded.vocab_ids
     run_id = dt.datetime.now(dt.timezone.utc).strftime("%Y%m%dT%H%M%S") + "-" + uuid.uuid4().hex[:8]
     staging = publish.staging_dir(cfg.out, run_id)
     generated_at = dt.datetime.now(dt.timezone.utc).replace(microsecond=0)

@@ -20,7 +20,21 @@ def ray_session():
 
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")
     if not ray.is_initialized():
-        ray.init(num_cpus=2, object_store_memory=2 * 1024**3, include_dashboard=False, logging_level="WARNING")
+        # Ray workers keep the environment of ray.init: the s3 tier's fake credentials
+        # (tests/s3/conftest.py) reach them only if set before it. Give the workers -- not
+        # this process -- fake ones where none are set, so tests on the loopback S3 server work
+        # whichever fixture started first (moto does not check them).
+        fake_aws = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}
+        env_vars = {k: v for k, v in fake_aws.items() if k not in os.environ}
+        if "AWS_ACCESS_KEY_ID" in os.environ:  # keep a key and its secret together
+            env_vars.pop("AWS_SECRET_ACCESS_KEY", None)
+        ray.init(
+            num_cpus=2,
+            object_store_memory=2 * 1024**3,
+            include_dashboard=False,
+            logging_level="WARNING",
+            runtime_env={"env_vars": env_vars} if env_vars else None,
+        )
     yield ray
 
 

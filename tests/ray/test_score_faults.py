@@ -1,0 +1,104 @@
+"""Scoring under faults: a scoring actor that dies mid-run, and runs that fail before they
+publish (the table published earlier must stay exactly as it was)."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from bert4rec import score as score_mod
+from bert4rec.config import ScoreConfig
+from bert4rec.io import InputError, read_parquet
+from bert4rec.publish import read_manifest, read_table
+from bert4rec.score import score
+
+pytestmark = pytest.mark.ray
+
+K = 5
+
+
+def snapshot(root: str) -> dict[str, bytes]:
+    """Every file under ``root`` (relative path -> bytes)."""
+    files = {}
+    for dirpath, _, names in os.walk(root):
+        for name in names:
+            path = os.path.join(dirpath, name)
+            with open(path, "rb") as f:
+                files[os.path.relpath(path, root)] = f.read()
+    return files
+
+
+@pytest.fixture(scope="module")
+def crashed_once(ray_session, trained_run, synthetic_data, tmp_path_factory):
+    """A run whose scoring actor calls os._exit(1) on its second batch, once."""
+    root = tmp_path_factory.mktemp("faults")
+    out, marker = str(root / "recs"), str(root / "actor-died")
+    cfg = ScoreConfig(checkpoint=trained_run["out"], histories=synthetic_data["histories"], out=out, k=K, batch_size=64, fail_on_batch=2, fail_marker=marker)
+    return {"root": root, "out": out, "marker": marker, "result": score(cfg)}
+
+
+def test_a_dead_scoring_actor_is_replaced_and_the_table_is_complete(crashed_once, synthetic_data):
+    assert os.path.exists(crashed_once["marker"]), "the injected actor failure did not happen"
+    histories = read_parquet(synthetic_data["histories"])
+    seen = dict(zip(histories["user_id"].to_pylist(), histories["item_ids"].to_pylist()))
+    table, manifest = read_table(crashed_once["out"]), read_manifest(crashed_once["out"])
+    users = table["user_id"].to_pylist()
+    assert len(users) == len(set(users)) == len(seen) == manifest["rows"] == manifest["input_users"]
+    assert set(users) == set(seen)
+    for user, items in zip(users, table["item_ids"].to_pylist()):
+        assert len(items) == K and not set(items) & set(seen[user])
+    assert manifest["run_id"] == crashed_once["result"]["run_id"]
+    assert sorted(os.listdir(crashed_once["out"])) == sorted(["_SUCCESS", *manifest["files"]])
+
+
+def _histories_with_duplicate(src: str, dst: str) -> str:
+    t = read_parquet(src).select(["user_id", "item_ids"])
+    pq.write_table(pa.concat_tables([t, t.slice(3, 1)]), dst)
+    return dst
+
+
+def test_failed_runs_leave_the_published_table_as_it_was(crashed_once, trained_run, synthetic_data, tmp_path):
+    out = crashed_once["out"]
+    before = snapshot(out)
+    assert "_SUCCESS" in before and len(before) > 1
+    base = dict(checkpoint=trained_run["out"], histories=synthetic_data["histories"], out=out, k=K, batch_size=128)
+
+    dup = _histories_with_duplicate(synthetic_data["histories"], str(tmp_path / "dup.parquet"))
+    with pytest.raises(InputError, match="duplicated user_id"):
+        score(ScoreConfig(**{**base, "histories": dup}))
+    assert snapshot(out) == before
+
+    bad_exclude = str(tmp_path / "exclude.parquet")
+    pq.write_table(pa.table({"item": pa.array([1, 2], pa.int64())}), bad_exclude)
+    with pytest.raises(InputError, match="--exclude"):
+        score(ScoreConfig(**{**base, "exclude": bad_exclude}))
+    assert snapshot(out) == before
+
+    not_parquet = tmp_path / "exclude.txt"
+    not_parquet.write_text("item_id\n1\n")
+    with pytest.raises(InputError):
+        score(ScoreConfig(**{**base, "exclude": str(not_parquet)}))
+    assert snapshot(out) == before
+
+
+def test_a_run_failing_its_output_check_publishes_nothing(crashed_once, trained_run, synthetic_data, monkeypatch):
+    """The whole pipeline runs, but the driver's check of the staged rows finds a user missing."""
+    out = crashed_once["out"]
+    before = snapshot(out)
+    real = score_mod.read_parquet
+
+    def lose_a_row(uri, storage=None, columns=None):
+        t = real(uri, storage, columns)
+        return t.slice(1) if "/_staging/" in uri else t
+
+    monkeypatch.setattr(score_mod, "read_parquet", lose_a_row)
+    cfg = ScoreConfig(checkpoint=trained_run["out"], histories=synthetic_data["histories"], out=out, k=K, batch_size=128)
+    with pytest.raises(RuntimeError, match=r"1 missing, 0 duplicated\); nothing published"):
+        score(cfg)
+    assert snapshot(out) == before  # the staged files were discarded too
+    assert not os.path.exists(os.path.join(out, "_staging")) or not os.listdir(os.path.join(out, "_staging"))
+    assert np.array_equal(np.sort(read_table(out)["user_id"].to_numpy()), np.sort(read_parquet(synthetic_data["histories"])["user_id"].to_numpy()))

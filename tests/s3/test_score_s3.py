@@ -1,0 +1,61 @@
+"""Batch scoring with checkpoint, histories and output all on S3 (moto on loopback).
+
+The Ray workers (the read tasks, the scoring actor, the write tasks) reach the server too:
+they get the fake credentials from ``ray_session`` (see tests/conftest.py), whichever of
+``ray_session`` and ``s3_server`` started first.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from bert4rec import checkpoint
+from bert4rec.config import ScoreConfig
+from bert4rec.io import read_parquet
+from bert4rec.publish import read_manifest, read_table
+from bert4rec.score import score
+
+pytestmark = [pytest.mark.s3, pytest.mark.ray]
+
+K = 5
+
+
+def upload_dir(client, local: str, uri: str) -> None:
+    bucket, _, prefix = uri[len("s3://") :].partition("/")
+    for dirpath, _, names in os.walk(local):
+        for name in names:
+            path = os.path.join(dirpath, name)
+            client.upload_file(path, bucket, f"{prefix}/{os.path.relpath(path, local)}")
+
+
+def keys(client, uri: str) -> list[str]:
+    bucket, _, prefix = uri[len("s3://") :].partition("/")
+    pages = client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix + "/")
+    return sorted(o["Key"][len(prefix) + 1 :] for page in pages for o in page.get("Contents", []))
+
+
+def test_score_from_and_to_s3(ray_session, trained_run, synthetic_data, s3_server, s3_bucket):
+    storage, client = s3_server.storage, s3_server.client()
+    run, hist, out = f"{s3_bucket}/train/run", f"{s3_bucket}/prepared/histories", f"{s3_bucket}/recs/dt=2026-11-24"
+    upload_dir(client, trained_run["out"], run)  # the whole run: --checkpoint resolves its best checkpoint on S3
+    upload_dir(client, synthetic_data["histories"], hist)
+
+    score(ScoreConfig(checkpoint=run, histories=hist, out=out, k=K, batch_size=128, storage=storage))
+
+    local = checkpoint.load(trained_run["out"])
+    manifest, table = read_manifest(out, storage), read_table(out, storage)
+    histories = read_parquet(synthetic_data["histories"])
+    seen = dict(zip(histories["user_id"].to_pylist(), histories["item_ids"].to_pylist()))
+    users = table["user_id"].to_pylist()
+    assert len(users) == len(set(users)) == len(seen) == manifest["rows"] == manifest["input_users"]
+    assert set(users) == set(seen)
+    for user, items in zip(users, table["item_ids"].to_pylist()):
+        assert len(items) == K and not set(items) & set(seen[user])
+    assert manifest["model_version"] == local.model_version
+    assert manifest["checkpoint"] == f"{run}/{os.path.relpath(local.uri, trained_run['out'])}"
+    assert (manifest["k"], manifest["fallback_users"], manifest["unknown_items"]) == (K, 0, 0)
+    assert set(table["model_version"].to_pylist()) == {local.model_version}
+    # in the bucket: the manifest and exactly the files it lists; the staging area is gone
+    assert keys(client, out) == sorted(["_SUCCESS", *manifest["files"]])
