@@ -154,7 +154,12 @@ def train_loop_per_worker(loop_config: dict) -> None:
 
     model = ray.train.torch.prepare_model(model)
     core = model.module if hasattr(model, "module") else model
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    # as in BERT: no weight decay on biases and LayerNorm gains
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(
+        [{"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay}, {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}],
+        lr=cfg.lr,
+    )
     steps = loop_config["steps_per_epoch"]
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lr_lambda(int(cfg.warmup_epochs * steps), cfg.epochs * steps, cfg.min_lr_ratio)
