@@ -320,7 +320,7 @@ def _score_and_publish(cfg, loaded, users, has_ratings, global_exclude, ex_users
     hist_fs, hist_path = arrow_filesystem(cfg.histories, cfg.storage)
     columns = ["user_id", "item_ids"] + (["ratings"] if has_ratings and mc.use_ratings else [])
     t1 = time.time()
-    ds = ray.data.read_parquet(hist_path, filesystem=hist_fs, columns=columns, file_extensions=["parquet"])
+    ds = ray.data.read_parquet(hist_path, filesystem=hist_fs, file_extensions=["parquet"]).select_columns(columns)
     ds = ds.map_batches(
         featurize,
         batch_format="pyarrow",
