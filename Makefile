@@ -18,11 +18,11 @@ $(STAMP): pyproject.toml
 
 demo: $(STAMP)
 	@test -f demo-output/interactions/part-00000.parquet || \
-		$(VENV)/bin/bert4rec generate --out demo-output/interactions --users 3000 --items 800 --seed 0 > /dev/null
+		$(VENV)/bin/bert4rec generate --out demo-output/interactions --users 2000 --items 500 --mean-length 30 --seed 0 > /dev/null
 	$(PY) jobs/nightly.py --config configs/nightly.yaml
 	@echo
-	@echo "Recommendations: $$(pwd)/demo-output/recommendations/$$($(PY) -c 'import json;print(json.load(open("demo-output/recommendations/latest"))["path"])')"
-	@echo "Report:          $$(pwd)/demo-output/recommendations/$$($(PY) -c 'import json;print(json.load(open("demo-output/recommendations/latest"))["path"])')/_report/report.md"
+	@echo "Recommendations: $$(pwd)/demo-output/nightly/$$($(PY) -c 'import json;print(json.load(open("demo-output/nightly/latest"))["path"])')"
+	@echo "Report:          $$(pwd)/demo-output/nightly/$$($(PY) -c 'import json;print(json.load(open("demo-output/nightly/latest"))["path"])')/_report/report.md"
 
 test: $(STAMP)
 	$(PY) -m pytest

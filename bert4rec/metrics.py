@@ -87,22 +87,25 @@ def sample_negatives(eval_set: EvalSet, counts: np.ndarray, n: int, seed: int = 
     if p.sum() == 0:
         p[1:-1] = 1
     p /= p.sum()
-    rankable = int((p > 0).sum())
+    candidates = set(np.flatnonzero(p > 0).tolist())
     out = np.zeros((len(eval_set), n), np.int64)
     for u in range(len(eval_set)):
         forbidden = set(eval_set.seen[u].tolist())
         forbidden.add(int(eval_set.targets[u]))
-        if rankable - len(forbidden & set(np.flatnonzero(p).tolist())) < n:
-            raise ValueError(f"user {eval_set.user_ids[u]}: fewer than {n} unseen items to sample negatives from")
+        unseen = len(candidates) - len(forbidden & candidates)
+        # a user who has seen nearly everything gets every unseen item; the rest stays 0,
+        # which the sampled rank ignores
+        want = min(n, unseen)
         chosen: list[int] = []
         taken = set(forbidden)
-        while len(chosen) < n:
+        while len(chosen) < want:
             for t in rng.choice(len(p), size=2 * n, p=p).tolist():
                 if t not in taken:
                     taken.add(t)
                     chosen.append(t)
-                    if len(chosen) == n:
+                    if len(chosen) == want:
                         break
+        chosen += [0] * (n - want)
         out[u] = chosen
     return out
 

@@ -44,3 +44,11 @@ def test_sampled_negatives_exclude_seen_items_and_the_target():
         assert not set(neg[u].tolist()) & forbidden
         assert len(set(neg[u].tolist())) == 2
     assert np.array_equal(neg, sample_negatives(e, counts, n=2, seed=0))
+
+
+def test_a_user_who_has_seen_almost_everything_gets_every_unseen_item_as_negatives():
+    e = make_eval_set(HIST, VOCAB, "test", max_len=4, mask_token=7)
+    counts = np.array([0, 5, 5, 5, 5, 5, 5, 0])
+    neg = sample_negatives(e, counts, n=4, seed=0)
+    # user 1 saw 1, 2, 3 and targets 4: only 5 and 6 are left, the rest is padding (0)
+    assert sorted(neg[0].tolist()) == [0, 0, 5, 6]

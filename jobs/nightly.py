@@ -1,0 +1,50 @@
+"""The nightly job: prepare -> train -> gate -> evaluate -> score -> publish -> report.
+
+On the cluster (from the repository root; ``ray dashboard cluster.yaml`` forwards 8265):
+
+    ray job submit --address http://127.0.0.1:8265 --working-dir . -- python jobs/nightly.py --config configs/nightly.yaml
+
+(``configs/nightly-cluster.yaml`` for the S3/GPU set-up.) Locally (joining the cluster a
+`ray start` left on this machine, if any, else starting Ray in this process):
+
+    python jobs/nightly.py --config configs/nightly.yaml [--date 2026-11-24]
+
+The flags are ``bert4rec nightly``'s (``--date``, ``--interactions``, ``--out``, ``--epochs``,
+``--workers``, ``--gpu``, ``--s3-endpoint-url``, ``--s3-region``) and override the file.
+Exit codes: 0 published, 1 a failed run (e.g. the quality gate; nothing published), 2 bad
+input or config. ``ray job stop`` sends SIGTERM: the run releases its lock and leaves every
+published table and ``latest`` as they were.
+
+Relative paths in the config resolve against the job's working directory: under
+``ray job submit --working-dir .`` that is a temporary copy of the repository on the head
+node, so cluster configs use ``s3://`` (or absolute) paths.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+
+# The package lives next to jobs/: importable from a fresh clone and from the copy that
+# `ray job submit --working-dir .` unpacks (the driver's cwd), installed or not. Ray adds
+# the working dir to the workers' sys.path itself.
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if REPO_ROOT not in sys.path:
+    sys.path.insert(0, REPO_ROOT)
+
+COMMAND = "nightly"
+
+
+def run(argv: list[str]) -> int:
+    """``bert4rec nightly <argv>``; returns its exit code."""
+    # stage messages of the flow (e.g. "scoring N users") into the job's log
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("bert4rec").setLevel(logging.INFO)
+    from bert4rec.cli import main
+
+    return main([COMMAND, *argv])
+
+
+if __name__ == "__main__":
+    sys.exit(run(sys.argv[1:]))
