@@ -184,6 +184,14 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def run_job(command: str, argv: list[str]) -> int:
+    """What ``jobs/<command>.py`` runs: ``bert4rec <command> <argv>`` with the flow's stage
+    messages (e.g. "scoring N users") in the job's log."""
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("bert4rec").setLevel(logging.INFO)
+    return main([command, *argv])
+
+
 def _root_cause(e: BaseException) -> str:
     msg = str(e).strip().splitlines()
     return msg[-1] if msg else repr(e)

@@ -19,30 +19,14 @@ Relative paths in the config resolve against the job's working directory: under
 node, so cluster configs use ``s3://`` (or absolute) paths.
 """
 
-from __future__ import annotations
-
-import logging
 import os
 import sys
 
 # The package lives next to jobs/: importable from a fresh clone and from the copy that
-# `ray job submit --working-dir .` unpacks (the driver's cwd), installed or not. Ray adds
-# the working dir to the workers' sys.path itself.
-REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if REPO_ROOT not in sys.path:
-    sys.path.insert(0, REPO_ROOT)
+# `ray job submit --working-dir .` unpacks (the driver's cwd), installed or not.
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-COMMAND = "train"
-
-
-def run(argv: list[str]) -> int:
-    """``bert4rec train <argv>``; returns its exit code."""
-    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    logging.getLogger("bert4rec").setLevel(logging.INFO)
-    from bert4rec.cli import main
-
-    return main([COMMAND, *argv])
-
+from bert4rec.cli import run_job  # noqa: E402
 
 if __name__ == "__main__":
-    sys.exit(run(sys.argv[1:]))
+    sys.exit(run_job("train", sys.argv[1:]))
