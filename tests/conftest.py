@@ -62,3 +62,14 @@ def trained_run(ray_session, synthetic_data, tmp_path_factory):
     cfg = TrainConfig(data=synthetic_data["prepared"], out=out, epochs=5, workers=2, model=TINY_MODEL, **TINY_TRAIN)
     summary = train(cfg)
     return {"out": out, "summary": summary, "config": cfg}
+
+
+def snapshot(root: str) -> dict[str, bytes]:
+    """Every file under ``root`` (relative path -> bytes)."""
+    files = {}
+    for dirpath, _, names in os.walk(root):
+        for name in names:
+            path = os.path.join(dirpath, name)
+            with open(path, "rb") as f:
+                files[os.path.relpath(path, root)] = f.read()
+    return files

@@ -40,7 +40,7 @@ import yaml
 
 from bert4rec import checkpoint as ckpt_lib
 from bert4rec import publish
-from tests.conftest import TINY_MODEL, TINY_TRAIN
+from tests.conftest import TINY_MODEL, TINY_TRAIN, snapshot
 
 pytestmark = pytest.mark.jobs
 
@@ -49,17 +49,6 @@ DAY1_USERS, NEW_USERS, ITEMS = 400, 100, 150
 EPOCHS = 5
 NEW_ITEM_OFFSET = 1000  # day 2 renames every 5th item to an id above day 1's largest
 PNG = b"\x89PNG\r\n\x1a\n"
-
-
-def snapshot(root: str) -> dict[str, bytes]:
-    """Every file under ``root`` (relative path -> bytes)."""
-    files = {}
-    for dirpath, _, names in os.walk(root):
-        for name in names:
-            path = os.path.join(dirpath, name)
-            with open(path, "rb") as f:
-                files[os.path.relpath(path, root)] = f.read()
-    return files
 
 
 def read_bytes(path: str) -> bytes | None:

@@ -15,21 +15,11 @@ from bert4rec.config import ScoreConfig
 from bert4rec.io import InputError, read_parquet
 from bert4rec.publish import read_manifest, read_table
 from bert4rec.score import score
+from tests.conftest import snapshot
 
 pytestmark = pytest.mark.ray
 
 K = 5
-
-
-def snapshot(root: str) -> dict[str, bytes]:
-    """Every file under ``root`` (relative path -> bytes)."""
-    files = {}
-    for dirpath, _, names in os.walk(root):
-        for name in names:
-            path = os.path.join(dirpath, name)
-            with open(path, "rb") as f:
-                files[os.path.relpath(path, root)] = f.read()
-    return files
 
 
 @pytest.fixture(scope="module")
