@@ -59,7 +59,7 @@ def trained_run(ray_session, synthetic_data, tmp_path_factory):
     from bert4rec.train import train
 
     out = str(tmp_path_factory.mktemp("train") / "run")
-    cfg = TrainConfig(data=synthetic_data["prepared"], out=out, epochs=5, workers=2, model=TINY_MODEL, **TINY_TRAIN)
+    cfg = TrainConfig(data=synthetic_data["prepared"], out=out, epochs=8, workers=2, model=TINY_MODEL, **TINY_TRAIN)
     summary = train(cfg)
     return {"out": out, "summary": summary, "config": cfg}
 

@@ -115,4 +115,4 @@ def test_a_typo_in_a_config_fails_loading(tmp_path: Path):
 def test_job_scripts_show_their_submit_line(job: str):
     text = (REPO / "jobs" / f"{job}.py").read_text()
     assert SUBMIT.format(job=job, name=f"{job}.yaml") in text
-    assert f'COMMAND = "{job}"' in text
+    assert f'run_job("{job}", sys.argv[1:])' in text
