@@ -20,7 +20,9 @@ from bert4rec import data
 from bert4rec.config import PrepareConfig, StorageConfig
 from bert4rec.io import InputError, _call, filesystem, join, parquet_files, read_parquet, write_json, write_parquet
 
-USERS_PER_FILE = 200_000
+# several files even for mid-sized tables: Ray Data reads a file as one block, so files are
+# what lets several scoring actors share the work
+USERS_PER_FILE = 50_000
 _PARTITION = re.compile(r"dt=(\d{4}-\d{2}-\d{2})")
 
 

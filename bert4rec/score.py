@@ -15,6 +15,7 @@ actor that loads the checkpoint once and calls them.
 
 from __future__ import annotations
 
+import ctypes
 import datetime as dt
 import os
 import socket
@@ -32,6 +33,9 @@ from bert4rec.config import ScoreConfig, StorageConfig
 from bert4rec.io import InputError, arrow_filesystem, filesystem, join, parquet_schema, read_parquet
 from bert4rec.model import BERT4Rec
 from bert4rec.ranking import chunked_topk, topk_excluding
+
+# users scored together inside a batch, grouped by history length
+SUB_BATCH = 128
 
 OUTPUT_SCHEMA = pa.schema(
     [
@@ -123,15 +127,29 @@ def score_batch(
     popularity: torch.Tensor | None = None,
     item_chunk_size: int = 262_144,
     autocast_dtype: torch.dtype | None = None,
+    sub_batch: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(B, T) inputs ending in [MASK] -> (scores (B, k), tokens (B, k), fallback (B,)).
 
     Users with no known item (only [MASK] in the input) get the most popular unseen items,
-    scored by their popularity, and are flagged. Empty slots (fewer than k rankable items)
+    scored by their popularity, and are flagged. With ``sub_batch``, rows are scored in
+    groups of similar history length, each trimmed of shared padding (same results, less work). Empty slots (fewer than k rankable items)
     are token 0 with score -inf.
     """
     num_items = model.config.num_items
     B = tokens.shape[0]
+    if sub_batch is not None and B > sub_batch:
+        # similar lengths together, each group trimmed of its shared padding: a batch of
+        # mixed histories would otherwise run every user at the longest length
+        order = torch.argsort((tokens != 0).sum(dim=1), stable=True)
+        values = torch.empty((B, k), dtype=torch.float32, device=tokens.device)
+        top = torch.empty((B, k), dtype=torch.int64, device=tokens.device)
+        fallback = torch.empty(B, dtype=torch.bool, device=tokens.device)
+        for idx in order.split(sub_batch):
+            part = data.trim_padding({"tokens": tokens[idx], **({"ratings": ratings[idx]} if ratings is not None else {})})
+            v, t, f = score_batch(model, part["tokens"], seen[idx], k, part.get("ratings"), global_exclude, popularity, item_chunk_size, autocast_dtype)
+            values[idx], top[idx], fallback[idx] = v.float(), t, f
+        return values, top, fallback
     extra = global_exclude.expand(B, -1) if global_exclude is not None and len(global_exclude) else None
     with torch.autocast(device_type=tokens.device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
         h = model.last_hidden(tokens, ratings)  # (B, D)
@@ -226,10 +244,26 @@ class Scorer:
             self.popularity,
             self.item_chunk_size,
             self.autocast_dtype,
+            sub_batch=SUB_BATCH,
         )
         user_id = batch["user_id"].to_numpy()
         rows = to_rows(user_id, values.float().cpu().numpy(), top.cpu().numpy(), fallback.cpu().numpy(), self.vocab_ids, self.model_version, self.generated_at, self.titles)
+        _release_freed_memory()
         return rows.append_column("unknown_items", batch["unknown"])
+
+
+def _release_freed_memory() -> None:
+    """glibc keeps memory freed by a long-lived actor's many mid-sized allocations; without
+    this an actor's resident memory grows with every batch (measured: ~16 MiB per 512 users)."""
+    if _LIBC is not None:
+        _LIBC.malloc_trim(0)
+
+
+try:
+    _LIBC = ctypes.CDLL("libc.so.6")
+    _LIBC.malloc_trim  # noqa: B018 - glibc only
+except (OSError, AttributeError):
+    _LIBC = None
 
 
 # ---------------------------------------------------------------- driver
