@@ -113,7 +113,8 @@ def _fixed(a: np.ndarray) -> pa.FixedSizeListArray:
 def _unfixed(col: pa.ChunkedArray | pa.Array) -> np.ndarray:
     if isinstance(col, pa.ChunkedArray):
         col = col.combine_chunks()
-    return col.flatten().to_numpy().reshape(len(col), col.type.list_size)
+    # a writable copy: torch will not wrap Arrow's read-only buffers without a warning
+    return col.flatten().to_numpy().reshape(len(col), col.type.list_size).copy()
 
 
 @torch.inference_mode()
