@@ -38,6 +38,7 @@ import torch
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 from bert4rec.ranking import chunked_topk, topk_excluding  # noqa: E402
+from _proc import status_mib  # benchmarks/ is sys.path[0] when a script runs
 
 HISTORY = 200
 EXTRA = 20
@@ -57,17 +58,6 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
-def _proc_status_mib(field: str) -> float | None:
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith(field + ":"):
-                    return int(line.split()[1]) / 1024  # kB
-    except OSError:
-        pass
-    return None
-
-
 def reset_peak_rss() -> float:
     """Reset the peak-RSS mark if the OS allows it; return the baseline to subtract.
 
@@ -78,7 +68,7 @@ def reset_peak_rss() -> float:
     try:
         with open("/proc/self/clear_refs", "w") as f:
             f.write("5")
-        rss = _proc_status_mib("VmRSS")
+        rss = status_mib("VmRSS")
         if rss is not None:
             return rss
     except OSError:
@@ -87,7 +77,7 @@ def reset_peak_rss() -> float:
 
 
 def peak_rss_mib() -> float:
-    hwm = _proc_status_mib("VmHWM")
+    hwm = status_mib("VmHWM")
     if hwm is not None:
         return hwm
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS

@@ -50,6 +50,7 @@ import resource
 import subprocess
 import sys
 import time
+from _proc import status_mib  # benchmarks/ is sys.path[0] when a script runs
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
@@ -84,19 +85,8 @@ def parse_args(argv=None):
 # ---------------------------------------------------------------- memory
 
 
-def _status_mib(field: str) -> float | None:
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith(field + ":"):
-                    return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return None
-
-
 def _peak_rss_mib() -> float:
-    hwm = _status_mib("VmHWM")
+    hwm = status_mib("VmHWM")
     if hwm is not None:
         return hwm
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
@@ -108,7 +98,7 @@ def _reset_peak_rss() -> float:
     try:
         with open("/proc/self/clear_refs", "w") as f:
             f.write("5")
-        rss = _status_mib("VmRSS")
+        rss = status_mib("VmRSS")
         if rss is not None:
             return rss
     except OSError:
