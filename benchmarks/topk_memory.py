@@ -27,7 +27,6 @@ import argparse
 import hashlib
 import json
 import os
-import resource
 import statistics
 import subprocess
 import sys
@@ -38,7 +37,7 @@ import torch
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 from bert4rec.ranking import chunked_topk, topk_excluding  # noqa: E402
-from _proc import status_mib  # benchmarks/ is sys.path[0] when a script runs
+from _proc import peak_rss_mib, reset_peak_rss  # benchmarks/ is sys.path[0] when a script runs
 
 HISTORY = 200
 EXTRA = 20
@@ -56,32 +55,6 @@ def parse_args(argv=None):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--child", choices=["unchunked", "chunked"], help=argparse.SUPPRESS)
     return p.parse_args(argv)
-
-
-def reset_peak_rss() -> float:
-    """Reset the peak-RSS mark if the OS allows it; return the baseline to subtract.
-
-    On Linux, writing "5" to /proc/self/clear_refs resets VmHWM to the current RSS, so the
-    baseline is the *current* RSS and transient peaks of the input set-up do not hide the
-    path's own peak. Elsewhere fall back to ``ru_maxrss`` (high-water mark so far).
-    """
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        rss = status_mib("VmRSS")
-        if rss is not None:
-            return rss
-    except OSError:
-        pass
-    return peak_rss_mib()
-
-
-def peak_rss_mib() -> float:
-    hwm = status_mib("VmHWM")
-    if hwm is not None:
-        return hwm
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
-    return peak / (1 << 20) if sys.platform == "darwin" else peak / 1024
 
 
 def make_inputs(args, device):

@@ -46,11 +46,10 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import subprocess
 import sys
 import time
-from _proc import status_mib  # benchmarks/ is sys.path[0] when a script runs
+from _proc import peak_rss_mib, reset_peak_rss  # benchmarks/ is sys.path[0] when a script runs
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
@@ -83,27 +82,6 @@ def parse_args(argv=None):
 
 
 # ---------------------------------------------------------------- memory
-
-
-def _peak_rss_mib() -> float:
-    hwm = status_mib("VmHWM")
-    if hwm is not None:
-        return hwm
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return peak / (1 << 20) if sys.platform == "darwin" else peak / 1024
-
-
-def _reset_peak_rss() -> float:
-    """Resets VmHWM to the current RSS where Linux allows it; returns the baseline to subtract."""
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        rss = status_mib("VmRSS")
-        if rss is not None:
-            return rss
-    except OSError:
-        pass
-    return _peak_rss_mib()
 
 
 # ---------------------------------------------------------------- batches
@@ -242,7 +220,7 @@ def run_child(args) -> dict:
         torch.cuda.reset_peak_memory_stats()
         base = torch.cuda.memory_allocated() / (1 << 20)
     else:
-        base = _reset_peak_rss()
+        base = reset_peak_rss()
     step(feed(warm, False))
     if cuda:
         torch.cuda.synchronize()
@@ -251,7 +229,7 @@ def run_child(args) -> dict:
     if cuda:
         torch.cuda.synchronize()
     wall, cpu = time.perf_counter() - t0, time.process_time() - c0
-    peak = torch.cuda.max_memory_allocated() / (1 << 20) if cuda else _peak_rss_mib()
+    peak = torch.cuda.max_memory_allocated() / (1 << 20) if cuda else peak_rss_mib()
     rows = sum(s[0] for s in shapes)
     cells = sum(s[0] * s[1] for s in shapes)
     real = sum(int((b["tokens"] != 0).sum()) for b in timed)
