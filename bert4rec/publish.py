@@ -206,16 +206,26 @@ def read_manifest(out: str, storage: StorageConfig | None = None) -> dict | None
     return _read_manifest(filesystem(out, storage)[0], out)
 
 
-def _read_manifest(fs, out: str) -> dict | None:
-    mpath = _join(is_s3(out), _fspath(out), MANIFEST)
+_ABSENT = object()
+
+
+def _read_json(fs, uri: str, path: str, corrupt: str) -> Any:
+    """The JSON value at ``path``, or ``_ABSENT`` if there is no such file; ``corrupt``
+    prefixes the error for a file that is not JSON."""
     try:
-        data = _call(out, lambda: fs.cat_file(mpath))
+        data = _call(uri, lambda: fs.cat_file(path))
     except FileNotFoundError:
-        return None
+        return _ABSENT
     try:
-        manifest = json.loads(data)
+        return json.loads(data)
     except ValueError as e:
-        raise InputError(f"{out}: corrupt {MANIFEST} manifest: {e}") from e
+        raise InputError(f"{corrupt}: {e}") from e
+
+
+def _read_manifest(fs, out: str) -> dict | None:
+    manifest = _read_json(fs, out, _join(is_s3(out), _fspath(out), MANIFEST), f"{out}: corrupt {MANIFEST} manifest")
+    if manifest is _ABSENT:
+        return None
     if not isinstance(manifest, dict) or not isinstance(manifest.get("files"), list) or "rows" not in manifest:
         raise InputError(f"{out}: {MANIFEST} is not a table manifest (needs 'files' and 'rows')")
     return manifest
@@ -496,15 +506,9 @@ def write_latest(root: str, value: str, storage: StorageConfig | None = None, *,
 def read_latest(root: str, storage: StorageConfig | None = None) -> dict | None:
     """The ``latest`` pointer under ``root``, or ``None`` if there is none."""
     fs, path = filesystem(root, storage)
-    lpath = _join(is_s3(root), path, LATEST)
-    try:
-        data = _call(root, lambda: fs.cat_file(lpath))
-    except FileNotFoundError:
+    pointer = _read_json(fs, root, _join(is_s3(root), path, LATEST), f"{root}/{LATEST}: corrupt pointer")
+    if pointer is _ABSENT:
         return None
-    try:
-        pointer = json.loads(data)
-    except ValueError as e:
-        raise InputError(f"{root}/{LATEST}: corrupt pointer: {e}") from e
     if not isinstance(pointer, dict) or not isinstance(pointer.get("path"), str):
         raise InputError(f"{root}/{LATEST}: not a latest pointer (needs 'path')")
     return pointer
