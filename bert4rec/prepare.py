@@ -49,11 +49,7 @@ def read_interactions(uri: str, storage: StorageConfig | None = None, until: dt.
     tables = []
     for f in files:
         src = ("s3://" + f) if uri.startswith("s3") else f
-        try:
-            t = read_parquet(src, storage)
-        except InputError:
-            raise
-        tables.append(data.validate_interactions(t, src))
+        tables.append(data.validate_interactions(read_parquet(src, storage), src))
     table = pa.concat_tables(tables, promote_options="permissive")
     if until is not None:
         end = int(dt.datetime.combine(until + dt.timedelta(days=1), dt.time(), dt.timezone.utc).timestamp())
