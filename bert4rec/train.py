@@ -25,7 +25,7 @@ import torch
 from bert4rec import checkpoint as ckpt_lib
 from bert4rec import data
 from bert4rec.config import TrainConfig
-from bert4rec.io import InputError, arrow_filesystem, filesystem, join, parquet_files, read_parquet, write_json
+from bert4rec.io import InputError, arrow_filesystem, filesystem, join, parquet_files, read_json, read_parquet, write_json
 from bert4rec.metrics import EvalSet, make_eval_set, model_ranks, popularity, popularity_ranks
 from bert4rec.model import BERT4Rec, BERT4RecConfig, cloze_loss
 from bert4rec.ranking import hr_ndcg_mrr
@@ -331,14 +331,15 @@ def train(cfg: TrainConfig) -> dict:
     t0 = time.time()
     trainer.fit()
     best_uri = ckpt_lib.resolve(cfg.out, cfg.storage)
-    best = ckpt_lib.load(best_uri, cfg.storage)
+    # the summary needs the metadata only, not the weights
+    best = read_json(join(best_uri, "metadata.json"), cfg.storage)
     summary = {
         "out": cfg.out,
         "best_checkpoint": best_uri,
-        "best_epoch": best.metadata["epoch"],
-        "best_metrics": best.metadata["metrics"],
+        "best_epoch": best["epoch"],
+        "best_metrics": best["metrics"],
         "val_popularity": val_popularity,
-        "model_version": best.model_version,
+        "model_version": best["model_version"],
         "history": _history(cfg, best),
         "train_sequences": train_rows,
         "wall_s": round(time.time() - t0, 2),
@@ -347,10 +348,10 @@ def train(cfg: TrainConfig) -> dict:
     return summary
 
 
-def _history(cfg: TrainConfig, best: ckpt_lib.Loaded) -> list[dict]:
+def _history(cfg: TrainConfig, best: dict) -> list[dict]:
     """The per-epoch history of the run's latest checkpoint (it extends every earlier one)."""
     fs, path = filesystem(join(cfg.out, RUN_NAME), cfg.storage)
     latest = sorted(fs.glob(path + "/epoch-*/metadata.json"))
     if not latest:
-        return best.metadata["history"]
+        return best["history"]
     return json.loads(fs.cat_file(latest[-1]))["history"]
