@@ -34,6 +34,8 @@ def main() -> None:
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--lr", type=float, default=2e-3)
     p.add_argument("--dropout", type=float, default=0.2)
+    p.add_argument("--attn-dropout", type=float, default=None, help="dropout on attention weights (default: --dropout)")
+    p.add_argument("--mask-prob", type=float, default=0.2)
     p.add_argument("--samples-per-epoch", type=int, default=1)
     p.add_argument("--use-ratings", action="store_true")
     p.add_argument("--post-ln", action="store_true", help="the paper's post-LayerNorm layers")
@@ -57,8 +59,8 @@ def main() -> None:
     stats = prepare(PrepareConfig(interactions=os.path.join(work, "ratings.parquet"), out=os.path.join(work, "prepared")))
     print(f"data: {stats['users']} users, {stats['items']} items, {stats['interactions']} interactions")
 
-    ray.init(num_cpus=max(1, int(a.workers * a.cpus_per_worker)), num_gpus=a.workers if a.gpu else 0, include_dashboard=False, logging_level="ERROR", log_to_driver=False)
-    model = BERT4RecConfig(max_len=200, hidden=64, layers=2, heads=2, dropout=a.dropout, attn_dropout=a.dropout, use_ratings=a.use_ratings, norm_first=not a.post_ln)
+    ray.init(num_cpus=max(1, int(a.workers * a.cpus_per_worker)), num_gpus=a.workers if a.gpu else 0, include_dashboard=False, logging_level="ERROR", log_to_driver=True)
+    model = BERT4RecConfig(max_len=200, hidden=64, layers=2, heads=2, dropout=a.dropout, attn_dropout=a.dropout if a.attn_dropout is None else a.attn_dropout, use_ratings=a.use_ratings, norm_first=not a.post_ln)
     cfg = TrainConfig(
         data=os.path.join(work, "prepared"),
         out=os.path.join(work, "train"),
@@ -68,6 +70,7 @@ def main() -> None:
         cpus_per_worker=a.cpus_per_worker,
         batch_size=a.batch_size,
         lr=a.lr,
+        mask_prob=a.mask_prob,
         samples_per_epoch=a.samples_per_epoch,
         time_budget_s=a.minutes * 60,
         model=model,

@@ -123,14 +123,14 @@ def run_ours(args, device, autocast_dtype):
 
     from bert4rec.config import TrainConfig
     from bert4rec.model import BERT4Rec, BERT4RecConfig
-    from bert4rec.train import lr_lambda, train_epoch
+    from bert4rec.train import WarmupCosine, train_epoch
 
     mc = BERT4RecConfig(num_items=args.items, max_len=args.max_len, hidden=args.hidden, layers=args.layers, heads=args.heads)
     cfg = TrainConfig(data="-", out="-", batch_size=args.batch, mask_prob=args.mask_prob, last_item_mask_prob=args.last_item_prob, model=mc)
     torch.manual_seed(args.seed)
     model = BERT4Rec(mc).to(device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(10, 1000, cfg.min_lr_ratio))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, WarmupCosine(10, 1000, cfg.min_lr_ratio))
     gen = torch.Generator().manual_seed(args.seed + 2)
 
     def step(batches):

@@ -70,7 +70,11 @@ class TrainSettings(Strict):
     keep_checkpoints: int = Field(3, ge=1)
     max_failures: int = Field(1, ge=0, description="worker-group restarts from the latest checkpoint")
     max_eval_users: int = Field(10_000, gt=0, description="validation users sampled for per-epoch NDCG")
-    time_budget_s: float | None = Field(None, gt=0, description="stop after the epoch that passes this much training time")
+    time_budget_s: float | None = Field(
+        None,
+        gt=0,
+        description="stop after the epoch that passes this much training time; the LR decay is fitted to end there",
+    )
     patience: int | None = Field(None, gt=0, description="stop after this many epochs without a better val NDCG@10")
     cache_dataset: bool = Field(True, description="materialise training sequences once instead of re-reading per epoch")
     fail_after_epoch: int | None = Field(None, description="testing aid: a worker raises after this epoch's checkpoint, once")
@@ -101,6 +105,12 @@ class ScoreSettings(Strict):
     actors: int = Field(1, gt=0)
     gpu: bool = False
     cpus_per_actor: float = Field(1.0, gt=0)
+    threads_per_actor: int | None = Field(
+        None,
+        gt=0,
+        description="torch threads in each scoring actor (default: cpus_per_actor, rounded up). More threads than "
+        "reserved CPUs lets one actor use a whole small machine while Ray keeps a CPU for reading and writing",
+    )
     exclude: str | None = Field(None, description="Parquet of item_id, or of user_id, item_id, never recommended")
     items: str | None = Field(None, description="Parquet of item_id, title, ...: titles ride along")
     item_chunk_size: int = Field(262_144, gt=0, description="top-k over the catalogue in chunks of this many items")

@@ -61,16 +61,30 @@ def training_rows(batch: pa.Table, vocab_ids: np.ndarray, max_len: int, use_rati
     return out
 
 
-def lr_lambda(warmup_steps: int, total_steps: int, min_ratio: float):
-    """Linear warm-up, then cosine decay to ``min_ratio`` of the peak."""
+class WarmupCosine:
+    """LambdaLR factor: linear warm-up, then cosine decay to ``min_ratio`` of the peak at
+    ``total_steps``. A plain object, so that LambdaLR's state_dict carries ``total_steps``
+    (which a time budget moves, see ``budget_horizon``) across a resume."""
 
-    def f(step: int) -> float:
-        if step < warmup_steps:
-            return (step + 1) / warmup_steps
-        progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
-        return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+    def __init__(self, warmup_steps: int, total_steps: int, min_ratio: float):
+        self.warmup_steps, self.total_steps, self.min_ratio = warmup_steps, total_steps, min_ratio
 
-    return f
+    def __call__(self, step: int) -> float:
+        if step < self.warmup_steps:
+            return (step + 1) / self.warmup_steps
+        progress = min(1.0, (step - self.warmup_steps) / max(1, self.total_steps - self.warmup_steps))
+        return self.min_ratio + (1 - self.min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def budget_horizon(epoch: int, epochs_run: int, elapsed_s: float, budget_s: float, max_epochs: int) -> int:
+    """The last epoch a time budget lets this run reach, so that the LR schedule can end there
+    rather than be cut off mid-decay: ``epochs_run`` epochs (ending with ``epoch``) took
+    ``elapsed_s``; training stops after the first epoch that ends past ``budget_s``."""
+    remaining = budget_s - elapsed_s
+    if remaining <= 0:
+        return epoch
+    per_epoch = elapsed_s / max(1, epochs_run)
+    return min(max_epochs, epoch + max(1, math.ceil(remaining / max(per_epoch, 1e-9))))
 
 
 def train_epoch(model, batches, optimizer, scheduler, cfg: TrainConfig, mask_token: int, generator: torch.Generator, device, autocast_dtype) -> tuple[float, int]:
@@ -161,9 +175,8 @@ def train_loop_per_worker(loop_config: dict) -> None:
         lr=cfg.lr,
     )
     steps = loop_config["steps_per_epoch"]
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lr_lambda(int(cfg.warmup_epochs * steps), cfg.epochs * steps, cfg.min_lr_ratio)
-    )
+    schedule = WarmupCosine(int(cfg.warmup_epochs * steps), cfg.epochs * steps, cfg.min_lr_ratio)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
     if state is not None:
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
@@ -207,6 +220,13 @@ def train_loop_per_worker(loop_config: dict) -> None:
             "lr": scheduler.get_last_lr()[0],
         }
         history = history + [metrics]
+        if rank == 0:  # one progress line per epoch; Ray forwards it to the driver's console
+            print(
+                f"epoch {epoch}/{cfg.epochs}: loss {metrics['loss']:.4f}  val ndcg@10 {metrics['val_ndcg@10']:.4f}  "
+                f"hr@10 {metrics['val_hr@10']:.4f}  lr {metrics['lr']:.2e}  {metrics['epoch_s']:.1f}s "
+                f"({totals[6].item() / world:.0f}s since start)",
+                flush=True,
+            )
         with tempfile.TemporaryDirectory() as tmp:
             checkpoint = None
             if rank == 0:
@@ -236,9 +256,13 @@ def train_loop_per_worker(loop_config: dict) -> None:
             since_best += 1
         if cfg.patience is not None and since_best >= cfg.patience:
             break
-        # every rank sees the same all-reduced figure, so all of them stop together
-        if cfg.time_budget_s is not None and totals[6].item() / world >= cfg.time_budget_s:
-            break
+        # every rank sees the same all-reduced figure, so all of them stop together and
+        # move the schedule's end alike
+        if cfg.time_budget_s is not None:
+            elapsed = totals[6].item() / world
+            if elapsed >= cfg.time_budget_s:
+                break
+            schedule.total_steps = budget_horizon(epoch, epoch - start_epoch + 1, elapsed, cfg.time_budget_s, cfg.epochs) * steps
 
 
 # ---------------------------------------------------------------- driver

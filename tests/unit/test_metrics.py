@@ -52,3 +52,36 @@ def test_a_user_who_has_seen_almost_everything_gets_every_unseen_item_as_negativ
     neg = sample_negatives(e, counts, n=4, seed=0)
     # user 1 saw 1, 2, 3 and targets 4: only 5 and 6 are left, the rest is padding (0)
     assert sorted(neg[0].tolist()) == [0, 0, 5, 6]
+
+
+def test_model_ranks_in_length_order_equal_the_untrimmed_ranks_in_input_order():
+    """Trimming each length-sorted batch's shared padding changes no rank (positions count
+    from the end), and the ranks come back in the eval set's order."""
+    import torch
+
+    from bert4rec.metrics import EvalSet, model_ranks, sampled_rank_of_target
+    from bert4rec.model import BERT4Rec, BERT4RecConfig
+    from bert4rec.ranking import rank_of_target
+
+    torch.manual_seed(0)
+    model = BERT4Rec(BERT4RecConfig(num_items=6, max_len=6, hidden=8, layers=1, heads=2)).eval()
+    mask = model.config.mask_token
+    hists = [[1, 2, 3, 4, 5], [2], [6, 1], [3, 4, 5, 6], [5], [1, 6, 2]]
+    tokens = np.array([[0] * (5 - len(h)) + h + [mask] for h in hists])
+    e = EvalSet(
+        tokens=tokens,
+        ratings=None,
+        targets=np.array([6, 3, 2, 1, 4, 5]),
+        seen=[np.array(h) for h in hists],
+        user_ids=np.arange(6),
+    )
+    negatives = np.array([[1, 2], [4, 5], [3, 4], [2, 3], [6, 1], [3, 4]])
+    with torch.no_grad():
+        scores = model.logits(model.last_hidden(torch.as_tensor(tokens))).float()
+    seen = torch.as_tensor(np.array([[0] * (5 - len(h)) + h for h in hists]))
+    expected = rank_of_target(scores, torch.as_tensor(e.targets), seen, 6).tolist()
+    expected_sampled = sampled_rank_of_target(scores, torch.as_tensor(e.targets), torch.as_tensor(negatives)).tolist()
+    full, sampled = model_ranks(model, e, batch_size=2, negatives=negatives)
+    assert full.tolist() == expected
+    assert sampled.tolist() == expected_sampled
+    assert all(1 <= r <= 6 for r in full.tolist())
