@@ -76,6 +76,7 @@ def parse_args(argv=None):
     p.add_argument("--batch-size", type=int, default=512, help="ScoreConfig.batch_size (and the bare loop's)")
     p.add_argument("--actors", type=int, default=1, help="ScoreConfig.actors")
     p.add_argument("--cpus-per-actor", type=float, default=1.0, help="ScoreConfig.cpus_per_actor")
+    p.add_argument("--threads-per-actor", type=int, default=None, help="ScoreConfig.threads_per_actor")
     p.add_argument("--cpus", type=int, default=os.cpu_count() or 1, help="ray.init(num_cpus=...)")
     p.add_argument("--k", type=int, default=10)
     p.add_argument("--item-chunk-size", type=int, default=262_144)
@@ -312,6 +313,7 @@ def child_ray(args) -> dict:
         batch_size=args.batch_size,
         actors=args.actors,
         cpus_per_actor=args.cpus_per_actor,
+        threads_per_actor=args.threads_per_actor,
         gpu=args.gpu,
         item_chunk_size=args.item_chunk_size,
     )
@@ -397,7 +399,7 @@ def main(argv=None):
     load = os.getloadavg()
     mode = "memory-scaling" if args.memory_scaling else ("catalogue" if args.catalogue else "throughput")
     print(
-        f"mode={mode} batch_size={args.batch_size} actors={args.actors} cpus_per_actor={args.cpus_per_actor} "
+        f"mode={mode} batch_size={args.batch_size} actors={args.actors} cpus_per_actor={args.cpus_per_actor} threads_per_actor={args.threads_per_actor} "
         f"ray num_cpus={args.cpus} bare_threads={args.bare_threads or torch.get_num_threads()} gpu={args.gpu} k={args.k} item_chunk_size={args.item_chunk_size:,} "
         f"model: hidden={args.hidden} layers={args.layers} heads={args.heads} max_len={args.max_len}; "
         f"cores={os.cpu_count()} torch={torch.__version__}" + (f"; ray worker env: {' '.join(args.ray_env)}" if args.ray_env else "")

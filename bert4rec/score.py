@@ -212,7 +212,10 @@ class Scorer:
         generated_at: dt.datetime,
         fail_on_batch: int | None = None,
         fail_marker: str | None = None,
+        threads: int | None = None,
     ):
+        if threads is not None:
+            torch.set_num_threads(threads)
         self.device = torch.device("cuda" if use_gpu else "cpu")
         loaded = ckpt_lib.load(checkpoint_uri, storage)
         self.model = loaded.model.to(self.device).eval()
@@ -382,6 +385,7 @@ def _score_and_publish(cfg, loaded, users, has_ratings, global_exclude, ex_users
             "generated_at": generated_at,
             "fail_on_batch": cfg.fail_on_batch,
             "fail_marker": cfg.fail_marker,
+            "threads": cfg.threads_per_actor,
         },
         batch_size=cfg.batch_size,
         batch_format="pyarrow",

@@ -348,3 +348,20 @@ def test_length_grouped_sub_batches_give_the_same_top_k():
     assert _t.equal(whole[1], grouped[1])
     assert _t.allclose(whole[0], grouped[0], atol=1e-5)
     assert _t.equal(whole[2], grouped[2])
+
+
+def test_scorer_sets_its_torch_thread_count(hand_made_checkpoint):
+    """threads_per_actor: an actor may run more torch threads than the CPUs it reserves
+    (Ray sets OMP_NUM_THREADS to the reservation); None leaves the count alone."""
+    uri, _ = hand_made_checkpoint
+    before = torch.get_num_threads()
+    kw = dict(k=3, item_chunk_size=2, use_gpu=False, global_exclude=np.array([], np.int64), titles=None, generated_at=GEN_AT)
+    try:
+        Scorer(uri, StorageConfig(), **kw, threads=1)
+        assert torch.get_num_threads() == 1
+        Scorer(uri, StorageConfig(), **kw, threads=3)
+        assert torch.get_num_threads() == 3
+        Scorer(uri, StorageConfig(), **kw)
+        assert torch.get_num_threads() == 3
+    finally:
+        torch.set_num_threads(before)
