@@ -122,8 +122,11 @@ def load(uri: str, storage: StorageConfig | None = None, with_optimizer: bool = 
         raise InputError(f"checkpoint {uri}: incomplete, missing {posixpath.basename(str(e.filename or e))}") from e
     if metadata.get("format") != FORMAT:
         raise InputError(f"checkpoint {uri}: unknown format {metadata.get('format')!r}, expected {FORMAT!r}")
-    model = BERT4Rec(BERT4RecConfig(**config["model"]))
-    model.load_state_dict(torch.load(_io.BytesIO(weights), map_location=map_location, weights_only=True))
+    # built on the meta device and given the stored tensors: no random initialisation to
+    # throw away (seconds at a million items, paid by the driver and every scoring actor)
+    with torch.device("meta"):
+        model = BERT4Rec(BERT4RecConfig(**config["model"]))
+    model.load_state_dict(torch.load(_io.BytesIO(weights), map_location=map_location, weights_only=True), assign=True)
     model.eval()
     optimizer_state = None
     if with_optimizer and fs.exists(posixpath.join(path, "optimizer.pt")):
