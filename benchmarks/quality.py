@@ -33,6 +33,7 @@ def main() -> None:
     p.add_argument("--gpu", action="store_true")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--lr", type=float, default=2e-3)
+    p.add_argument("--hidden", type=int, default=64, help="model width (the paper's ML-1M setting is 64)")
     p.add_argument("--dropout", type=float, default=0.2)
     p.add_argument("--attn-dropout", type=float, default=None, help="dropout on attention weights (default: --dropout)")
     p.add_argument("--mask-prob", type=float, default=0.2)
@@ -60,7 +61,7 @@ def main() -> None:
     print(f"data: {stats['users']} users, {stats['items']} items, {stats['interactions']} interactions")
 
     ray.init(num_cpus=max(1, int(a.workers * a.cpus_per_worker)), num_gpus=a.workers if a.gpu else 0, include_dashboard=False, logging_level="ERROR", log_to_driver=True)
-    model = BERT4RecConfig(max_len=200, hidden=64, layers=2, heads=2, dropout=a.dropout, attn_dropout=a.dropout if a.attn_dropout is None else a.attn_dropout, use_ratings=a.use_ratings, norm_first=not a.post_ln)
+    model = BERT4RecConfig(max_len=200, hidden=a.hidden, layers=2, heads=2, dropout=a.dropout, attn_dropout=a.dropout if a.attn_dropout is None else a.attn_dropout, use_ratings=a.use_ratings, norm_first=not a.post_ln)
     cfg = TrainConfig(
         data=os.path.join(work, "prepared"),
         out=os.path.join(work, "train"),
