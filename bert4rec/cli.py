@@ -55,7 +55,8 @@ COMMANDS: dict[str, tuple[type[BaseModel], list[tuple], str]] = {
         C.ScoreConfig,
         [
             ("--checkpoint", "checkpoint", str), ("--histories", "histories", str), ("--out", "out", str), ("--k", "k", int), ("--batch-size", "batch_size", int),
-            ("--actors", "actors", int), ("--gpu", "gpu", bool), ("--exclude", "exclude", str), ("--items", "items", str), ("--item-chunk-size", "item_chunk_size", int),
+            ("--actors", "actors", int), ("--cpus-per-actor", "cpus_per_actor", float), ("--threads-per-actor", "threads_per_actor", int),
+            ("--gpu", "gpu", bool), ("--exclude", "exclude", str), ("--items", "items", str), ("--item-chunk-size", "item_chunk_size", int),
         ],
         "publish the top-k table of every user",
     ),
