@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 import tempfile
 import time
 
@@ -220,11 +221,15 @@ def train_loop_per_worker(loop_config: dict) -> None:
             "lr": scheduler.get_last_lr()[0],
         }
         history = history + [metrics]
-        if rank == 0:  # one progress line per epoch; Ray forwards it to the driver's console
+        if rank == 0:
+            # one progress line per epoch, which Ray forwards to the driver's console. Written to
+            # the process's own stdout: Ray Train routes a plain print() both through its logger
+            # and to the stream, and the driver would show every line twice
             print(
                 f"epoch {epoch}/{cfg.epochs}: loss {metrics['loss']:.4f}  val ndcg@10 {metrics['val_ndcg@10']:.4f}  "
                 f"hr@10 {metrics['val_hr@10']:.4f}  lr {metrics['lr']:.2e}  {metrics['epoch_s']:.1f}s "
                 f"({totals[6].item() / world:.0f}s since start)",
+                file=sys.__stdout__ or sys.stdout,
                 flush=True,
             )
         with tempfile.TemporaryDirectory() as tmp:
