@@ -243,12 +243,19 @@ def trim_padding(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {k: v[:, first:] for k, v in batch.items()}
 
 
+def length_chunks(tokens: torch.Tensor, size: int) -> list[torch.Tensor]:
+    """Row indices of a left-padded (N, T) batch, shortest history first (ties in row order),
+    in chunks of ``size``: rows of similar length together, so that trimming each chunk's
+    shared padding (``trim_padding``) removes most of it. No rows, no chunks."""
+    if len(tokens) == 0:
+        return []
+    return list(torch.argsort((tokens != 0).sum(dim=1), stable=True).split(size))
+
+
 def length_buckets(batch: dict[str, torch.Tensor], batch_size: int, generator: torch.Generator | None = None) -> list[dict[str, torch.Tensor]]:
     """Splits a super-batch of N sequences into batches of similar length, in random order,
     each trimmed of shared padding: with short and long histories mixed, most of a (B, T)
     batch would otherwise be padding."""
-    lengths = (batch["tokens"] != 0).sum(dim=1)
-    order = torch.argsort(lengths, stable=True)
-    chunks = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
+    chunks = length_chunks(batch["tokens"], batch_size)
     perm = torch.randperm(len(chunks), generator=generator).tolist()
     return [trim_padding({k: v[chunks[i]] for k, v in batch.items()}) for i in perm]

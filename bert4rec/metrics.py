@@ -110,11 +110,15 @@ def sample_negatives(eval_set: EvalSet, counts: np.ndarray, n: int, seed: int = 
     return out
 
 
+def _seen_tensor(seen: list[np.ndarray]) -> torch.Tensor:
+    """A batch's seen items, left-padded with 0 to the longest list (at least one column)."""
+    return torch.as_tensor(data.pad_left(seen, max(1, max(len(s) for s in seen))))
+
+
 def _batches(eval_set: EvalSet, batch_size: int):
     for start in range(0, len(eval_set), batch_size):
         sl = slice(start, start + batch_size)
-        seen = eval_set.seen[sl]
-        yield sl, torch.as_tensor(data.pad_left(seen, max(1, max(len(s) for s in seen))))
+        yield sl, _seen_tensor(eval_set.seen[sl])
 
 
 @torch.no_grad()
@@ -134,18 +138,16 @@ def model_ranks(
     n = len(eval_set)
     full = np.zeros(n, np.int64)
     sampled = np.zeros(n, np.int64) if negatives is not None else None
-    order = np.argsort((eval_set.tokens != 0).sum(axis=1), kind="stable")
-    for start in range(0, n, batch_size):
-        idx = order[start : start + batch_size]
+    for chunk in data.length_chunks(torch.as_tensor(eval_set.tokens), batch_size):
+        idx = chunk.numpy()
         batch = {"tokens": torch.as_tensor(eval_set.tokens[idx])}
         if eval_set.ratings is not None:
             batch["ratings"] = torch.as_tensor(eval_set.ratings[idx])
         batch = {k: v.to(device) for k, v in data.trim_padding(batch).items()}
         scores = model.logits(model.last_hidden(batch["tokens"], batch.get("ratings"))).float().cpu()  # (B, V+2)
-        seen = [eval_set.seen[i] for i in idx]
-        seen_t = torch.as_tensor(data.pad_left(seen, max(1, max(len(s) for s in seen))))
+        seen = _seen_tensor([eval_set.seen[i] for i in idx])
         targets = torch.as_tensor(eval_set.targets[idx])
-        full[idx] = rank_of_target(scores, targets, seen_t, num_items).numpy()
+        full[idx] = rank_of_target(scores, targets, seen, num_items).numpy()
         if sampled is not None:
             sampled[idx] = sampled_rank_of_target(scores, targets, torch.as_tensor(negatives[idx])).numpy()
     model.train(was_training)

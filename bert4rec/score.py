@@ -134,19 +134,17 @@ def score_batch(
 
     Users with no known item (only [MASK] in the input) get the most popular unseen items,
     scored by their popularity, and are flagged. With ``sub_batch``, rows are scored in
-    groups of similar history length, each trimmed of shared padding (same results, less work). Empty slots (fewer than k rankable items)
-    are token 0 with score -inf.
+    groups of similar history length, each trimmed of shared padding (same results, less
+    work). Empty slots (fewer than k rankable items) are token 0 with score -inf.
     """
     num_items = model.config.num_items
     B = tokens.shape[0]
     if sub_batch is not None and B > sub_batch:
-        # similar lengths together, each group trimmed of its shared padding: a batch of
-        # mixed histories would otherwise run every user at the longest length
-        order = torch.argsort((tokens != 0).sum(dim=1), stable=True)
+        # a batch of mixed histories would otherwise run every user at the longest length
         values = torch.empty((B, k), dtype=torch.float32, device=tokens.device)
         top = torch.empty((B, k), dtype=torch.int64, device=tokens.device)
         fallback = torch.empty(B, dtype=torch.bool, device=tokens.device)
-        for idx in order.split(sub_batch):
+        for idx in data.length_chunks(tokens, sub_batch):
             part = data.trim_padding({"tokens": tokens[idx], **({"ratings": ratings[idx]} if ratings is not None else {})})
             v, t, f = score_batch(model, part["tokens"], seen[idx], k, part.get("ratings"), global_exclude, popularity, item_chunk_size, autocast_dtype)
             values[idx], top[idx], fallback[idx] = v.float(), t, f

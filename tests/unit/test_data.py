@@ -145,6 +145,14 @@ def test_trim_padding_drops_only_shared_leading_padding():
     assert out["ratings"].tolist() == [[0, 5, 4], [1, 2, 3]]
 
 
+def test_length_chunks_order_rows_by_length_ties_in_row_order():
+    # lengths 1, 4, 2, 4, 1
+    tokens = torch.tensor([[0, 0, 0, 1], [1, 2, 3, 4], [0, 0, 5, 6], [7, 8, 9, 1], [0, 0, 0, 2]])
+    assert [c.tolist() for c in data.length_chunks(tokens, 2)] == [[0, 4], [2, 1], [3]]
+    assert [c.tolist() for c in data.length_chunks(tokens, 10)] == [[0, 4, 2, 1, 3]]
+    assert data.length_chunks(tokens[:0], 2) == []
+
+
 def test_length_buckets_group_similar_lengths_and_keep_every_row():
     tokens = torch.tensor([[0, 0, 0, 1], [1, 2, 3, 4], [0, 0, 5, 6], [7, 8, 9, 1], [0, 0, 0, 2]])
     batches = data.length_buckets({"tokens": tokens}, batch_size=2, generator=torch.Generator().manual_seed(0))

@@ -85,3 +85,7 @@ def test_model_ranks_in_length_order_equal_the_untrimmed_ranks_in_input_order():
     assert full.tolist() == expected
     assert sampled.tolist() == expected_sampled
     assert all(1 <= r <= 6 for r in full.tolist())
+    # no users: no ranks, and no batch is run
+    nobody = EvalSet(tokens=tokens[:0], ratings=None, targets=e.targets[:0], seen=[], user_ids=e.user_ids[:0])
+    full, sampled = model_ranks(model, nobody, batch_size=2, negatives=negatives[:0])
+    assert full.tolist() == [] and sampled.tolist() == []

@@ -330,24 +330,17 @@ def test_check_histories_accepts_a_good_table(tmp_path):
 
 
 def test_length_grouped_sub_batches_give_the_same_top_k():
-    import torch as _t
-
-    from bert4rec.model import BERT4Rec, BERT4RecConfig
-    from bert4rec.score import score_batch
-
-    _t.manual_seed(3)
+    torch.manual_seed(3)
     model = BERT4Rec(BERT4RecConfig(num_items=40, max_len=12, hidden=16, layers=1, heads=2)).eval()
     rng = np.random.default_rng(0)
     seqs = [rng.choice(np.arange(1, 41), size=n, replace=False) for n in (1, 11, 3, 7, 2, 9, 5, 11, 4)]
-    from bert4rec import data as _d
-
-    tokens = _t.as_tensor(_d.inference_tokens(seqs, 12, model.config.mask_token))
-    seen = _t.as_tensor(_d.pad_left(seqs, 11))
+    tokens = torch.as_tensor(data.inference_tokens(seqs, 12, model.config.mask_token))
+    seen = torch.as_tensor(data.pad_left(seqs, 11))
     whole = score_batch(model, tokens, seen, 5)
     grouped = score_batch(model, tokens, seen, 5, sub_batch=2)
-    assert _t.equal(whole[1], grouped[1])
-    assert _t.allclose(whole[0], grouped[0], atol=1e-5)
-    assert _t.equal(whole[2], grouped[2])
+    assert torch.equal(whole[1], grouped[1])
+    assert torch.allclose(whole[0], grouped[0], atol=1e-5)
+    assert torch.equal(whole[2], grouped[2])
 
 
 def test_scorer_sets_its_torch_thread_count(hand_made_checkpoint):
