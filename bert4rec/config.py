@@ -108,9 +108,9 @@ class ScoreSettings(Strict):
     threads_per_actor: int | None = Field(
         None,
         gt=0,
-        description="torch threads in each scoring actor (default: Ray's OMP_NUM_THREADS for the actor, i.e. its CPU "
-        "reservation). More threads than "
-        "reserved CPUs lets one actor use a whole small machine while Ray keeps a CPU for reading and writing",
+        description="torch threads in each scoring actor (default: Ray's OMP_NUM_THREADS for the actor, i.e. its "
+        "CPU reservation). More threads than reserved CPUs lets one actor use a whole small machine while Ray "
+        "keeps a CPU for reading and writing",
     )
     exclude: str | None = Field(None, description="Parquet of item_id, or of user_id, item_id, never recommended")
     items: str | None = Field(None, description="Parquet of item_id, title, ...: titles ride along")

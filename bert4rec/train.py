@@ -221,6 +221,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
             "lr": scheduler.get_last_lr()[0],
         }
         history = history + [metrics]
+        run_s = totals[6].item() / world  # training time so far, all-reduced: the same on every rank
         if rank == 0:
             # one progress line per epoch, which Ray forwards to the driver's console. Written to
             # the process's own stdout: Ray Train routes a plain print() both through its logger
@@ -228,7 +229,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
             print(
                 f"epoch {epoch}/{cfg.epochs}: loss {metrics['loss']:.4f}  val ndcg@10 {metrics['val_ndcg@10']:.4f}  "
                 f"hr@10 {metrics['val_hr@10']:.4f}  lr {metrics['lr']:.2e}  {metrics['epoch_s']:.1f}s "
-                f"({totals[6].item() / world:.0f}s since start)",
+                f"({run_s:.0f}s since start)",
                 file=sys.__stdout__ or sys.stdout,
                 flush=True,
             )
@@ -261,13 +262,12 @@ def train_loop_per_worker(loop_config: dict) -> None:
             since_best += 1
         if cfg.patience is not None and since_best >= cfg.patience:
             break
-        # every rank sees the same all-reduced figure, so all of them stop together and
-        # move the schedule's end alike
+        # every rank sees the same elapsed time, so all of them stop together and move the
+        # schedule's end alike
         if cfg.time_budget_s is not None:
-            elapsed = totals[6].item() / world
-            if elapsed >= cfg.time_budget_s:
+            if run_s >= cfg.time_budget_s:
                 break
-            schedule.total_steps = budget_horizon(epoch, epoch - start_epoch + 1, elapsed, cfg.time_budget_s, cfg.epochs) * steps
+            schedule.total_steps = budget_horizon(epoch, epoch - start_epoch + 1, run_s, cfg.time_budget_s, cfg.epochs) * steps
 
 
 # ---------------------------------------------------------------- driver
