@@ -25,14 +25,15 @@ Paths, each run in a fresh child process whose whole process tree (the child, an
 GCS, raylet, workers and actors) the parent samples every ``--sample-s`` seconds:
 
   ray   ``ray.init(address="local", num_cpus=--cpus)`` then
-        ``bert4rec.score.score(ScoreConfig(..., batch_size, actors, cpus_per_actor, gpu))``:
+        ``bert4rec.score.score(ScoreConfig(..., batch_size, actors, cpus_per_actor, threads_per_actor, gpu))``:
         read_parquet -> featurize tasks -> Scorer actors -> write_parquet -> verify -> publish.
         Its time is the ``score()`` call (Ray start-up excluded, actor start-up included).
   bare  one process, no Ray: pyarrow reads the same Parquet files in batches of --batch-size,
         ``featurize`` then a ``Scorer`` instance called directly (the very code the actors run:
         ``score_batch`` + ``to_rows``), rows written to one Parquet file. The ceiling. Torch
         uses its default thread count here (all cores; ``--bare-threads`` to change it), while
-        Ray gives each actor ``OMP_NUM_THREADS`` = its ``cpus_per_actor`` (so 1 thread by default).
+        Ray gives each actor ``OMP_NUM_THREADS`` = its ``cpus_per_actor`` (so 1 thread by default)
+        unless ``--threads-per-actor`` sets the actor's torch threads.
 
 CPU s: CPU seconds (user + system) of every process of the child's tree over its whole run
 (start-up included; the last sampling period of each process is missed), summed; on a shared
@@ -331,7 +332,6 @@ def child_bare(args) -> dict:
     import pyarrow.parquet as pq
     import torch
 
-    from bert4rec import checkpoint
     from bert4rec.config import StorageConfig
     from bert4rec.score import Scorer, featurize
 
@@ -343,13 +343,13 @@ def child_bare(args) -> dict:
     os.makedirs(out)
     ckpt = args.ckpt_dir
     t0 = time.perf_counter()
-    loaded = checkpoint.load(ckpt)
-    mc = loaded.model.config
+    # the checkpoint is loaded once, by the Scorer, as in an actor
     scorer = Scorer(
         ckpt, StorageConfig(), args.k, args.item_chunk_size, args.gpu, np.zeros(0, np.int64), None,
         dt.datetime.now(dt.timezone.utc).replace(microsecond=0),
     )
-    kw = {"vocab_ids": loaded.vocab_ids, "max_len": mc.max_len, "mask_token": mc.mask_token, "use_ratings": mc.use_ratings}
+    mc = scorer.model.config
+    kw = {"vocab_ids": scorer.vocab_ids, "max_len": mc.max_len, "mask_token": mc.mask_token, "use_ratings": mc.use_ratings}
     users = 0
     writer = None
     for f in sorted(glob.glob(os.path.join(d, "prepared", "histories", "*.parquet"))):

@@ -81,9 +81,6 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
-# ---------------------------------------------------------------- memory
-
-
 # ---------------------------------------------------------------- batches
 
 
@@ -203,7 +200,7 @@ def run_child(args) -> dict:
     params = sum(p.numel() for p in model.parameters())
 
     bgen = torch.Generator().manual_seed(args.seed + 1)
-    shapes: list[tuple[int, int, int]] = []  # (rows, T, real tokens) of every timed batch
+    shapes: list[tuple[int, int]] = []  # (rows, T) of every timed batch
 
     def feed(group, record):
         if bucketed:
@@ -212,7 +209,7 @@ def run_child(args) -> dict:
         else:
             out = group
         if record:
-            shapes.extend((b["tokens"].shape[0], b["tokens"].shape[1], 0) for b in out)
+            shapes.extend(tuple(b["tokens"].shape) for b in out)
         return out
 
     if cuda:
