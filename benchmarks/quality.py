@@ -38,6 +38,7 @@ def main() -> None:
     p.add_argument("--attn-dropout", type=float, default=None, help="dropout on attention weights (default: --dropout)")
     p.add_argument("--mask-prob", type=float, default=0.2)
     p.add_argument("--samples-per-epoch", type=int, default=1)
+    p.add_argument("--window-stride", type=int, default=None, help="also train on earlier windows of long histories, this many items apart")
     p.add_argument("--use-ratings", action="store_true")
     p.add_argument("--post-ln", action="store_true", help="the paper's post-LayerNorm layers")
     p.add_argument("--work", default=None, help="working directory (default: a temporary one)")
@@ -73,6 +74,7 @@ def main() -> None:
         lr=a.lr,
         mask_prob=a.mask_prob,
         samples_per_epoch=a.samples_per_epoch,
+        window_stride=a.window_stride,
         time_budget_s=a.minutes * 60,
         model=model,
     )

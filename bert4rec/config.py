@@ -66,6 +66,11 @@ class TrainSettings(Strict):
     last_item_mask_prob: float = Field(0.1, ge=0, le=1, description="share of sequences whose last item alone is masked")
     length_buckets: int = Field(8, ge=1, description="batches drawn together and grouped by length (less padding)")
     samples_per_epoch: int = Field(1, ge=1, description="fresh masks of every training sequence per epoch")
+    window_stride: int | None = Field(
+        None,
+        gt=0,
+        description="histories longer than max_len also train on earlier windows, this many items apart (None: the latest max_len only)",
+    )
     seed: int = 0
     keep_checkpoints: int = Field(3, ge=1)
     max_failures: int = Field(1, ge=0, description="worker-group restarts from the latest checkpoint")

@@ -37,9 +37,13 @@ RUN_NAME = "train"
 # ---------------------------------------------------------------- pure pieces
 
 
-def training_rows(batch: pa.Table, vocab_ids: np.ndarray, max_len: int, use_ratings: bool) -> dict[str, np.ndarray]:
+def training_rows(batch: pa.Table, vocab_ids: np.ndarray, max_len: int, use_ratings: bool, window_stride: int | None = None) -> dict[str, np.ndarray]:
     """Histories -> training sequences: each user's items minus the last two (held out for
-    validation and test), the most recent ``max_len``, left-padded. Ray Data calls this."""
+    validation and test), the most recent ``max_len``, left-padded. Ray Data calls this.
+
+    With ``window_stride``, a history longer than ``max_len`` also yields earlier windows of up
+    to ``max_len`` items, ending ``window_stride``, ``2 x window_stride``, ... items before its
+    end, until a window reaches its first item; otherwise those items are never trained on."""
     flat, offsets = data.list_column(batch, "item_ids")
     tokens, known = data.to_tokens(flat, vocab_ids)
     levels = None
@@ -53,13 +57,26 @@ def training_rows(batch: pa.Table, vocab_ids: np.ndarray, max_len: int, use_rati
         s = tokens[sl][k][:-2]
         if len(s) == 0:
             continue
-        seqs.append(s)
-        if levels is not None:
-            rseqs.append(levels[sl][k][:-2])
+        r = levels[sl][k][:-2] if levels is not None else None
+        for end in window_ends(len(s), max_len, window_stride):
+            seqs.append(s[max(0, end - max_len) : end])
+            if r is not None:
+                rseqs.append(r[max(0, end - max_len) : end])
     out = {"tokens": data.pad_left(seqs, max_len)}
     if levels is not None:
         out["ratings"] = data.pad_left(rseqs, max_len)
     return out
+
+
+def window_ends(n: int, max_len: int, stride: int | None) -> list[int]:
+    """Where the training windows of an ``n``-item sequence end (exclusive): ``n`` first, then
+    every ``stride`` items back while the previous window did not reach the first item (a
+    window keeps at least 2 items: one to mask, one for context)."""
+    ends = [n]
+    if stride is not None:
+        while ends[-1] > max_len and ends[-1] - stride >= 2:
+            ends.append(ends[-1] - stride)
+    return ends
 
 
 class WarmupCosine:
@@ -317,7 +334,7 @@ def train(cfg: TrainConfig) -> dict:
     ds = ds.map_batches(
         training_rows,
         batch_format="pyarrow",
-        fn_kwargs={"vocab_ids": vocab_ids, "max_len": model_cfg.max_len, "use_ratings": model_cfg.use_ratings},
+        fn_kwargs={"vocab_ids": vocab_ids, "max_len": model_cfg.max_len, "use_ratings": model_cfg.use_ratings, "window_stride": cfg.window_stride},
     )
     if cfg.cache_dataset:
         ds = ds.materialize()

@@ -64,3 +64,20 @@ def test_config_checks():
         BERT4RecConfig(hidden=10, heads=3)
     with pytest.raises(ValidationError, match="extra"):
         BERT4RecConfig(hiden=8)
+
+
+def test_initial_weight_scales():
+    """Embeddings start at BERT's std 0.02 (padding row zero); linear layers at Xavier scale,
+    so that at a small width the attention and feed-forward branches are not near zero."""
+    torch.manual_seed(0)
+    c = BERT4RecConfig(num_items=5000, max_len=50, hidden=64, layers=2, heads=2)
+    model = BERT4Rec(c)
+    emb = model.item_emb.weight
+    assert torch.equal(emb[0], torch.zeros(64))
+    assert abs(emb[1:].std().item() - 0.02) < 0.003  # truncated at 2 std: ~0.88 x 0.02
+    assert emb.abs().max().item() <= 0.04
+    for layer in model.layers:
+        for lin in (layer.attn.qkv, layer.attn.proj, layer.ff[0], layer.ff[2]):
+            fan_out, fan_in = lin.weight.shape
+            assert lin.weight.std().item() == pytest.approx((2 / (fan_in + fan_out)) ** 0.5, rel=0.05)
+            assert torch.equal(lin.bias, torch.zeros(fan_out))
