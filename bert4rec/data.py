@@ -172,6 +172,12 @@ def pad_left(seqs: list[np.ndarray], length: int, dtype=np.int64) -> np.ndarray:
     return out
 
 
+def pad_seen(seen: list[np.ndarray]) -> np.ndarray:
+    """Per-user seen items -> (B, longest) left-padded with 0, at least one column (0 is
+    padding, never a rankable item), as ``rank_of_target`` and ``topk_excluding`` take them."""
+    return pad_left(seen, max(1, max((len(s) for s in seen), default=1)))
+
+
 # ---------------------------------------------------------------- leave-one-out
 
 

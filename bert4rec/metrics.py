@@ -110,15 +110,10 @@ def sample_negatives(eval_set: EvalSet, counts: np.ndarray, n: int, seed: int = 
     return out
 
 
-def _seen_tensor(seen: list[np.ndarray]) -> torch.Tensor:
-    """A batch's seen items, left-padded with 0 to the longest list (at least one column)."""
-    return torch.as_tensor(data.pad_left(seen, max(1, max(len(s) for s in seen))))
-
-
 def _batches(eval_set: EvalSet, batch_size: int):
     for start in range(0, len(eval_set), batch_size):
         sl = slice(start, start + batch_size)
-        yield sl, _seen_tensor(eval_set.seen[sl])
+        yield sl, torch.as_tensor(data.pad_seen(eval_set.seen[sl]))
 
 
 @torch.no_grad()
@@ -145,7 +140,7 @@ def model_ranks(
             batch["ratings"] = torch.as_tensor(eval_set.ratings[idx])
         batch = {k: v.to(device) for k, v in data.trim_padding(batch).items()}
         scores = model.logits(model.last_hidden(batch["tokens"], batch.get("ratings"))).float().cpu()  # (B, V+2)
-        seen = _seen_tensor([eval_set.seen[i] for i in idx])
+        seen = torch.as_tensor(data.pad_seen([eval_set.seen[i] for i in idx]))
         targets = torch.as_tensor(eval_set.targets[idx])
         full[idx] = rank_of_target(scores, targets, seen, num_items).numpy()
         if sampled is not None:

@@ -116,13 +116,13 @@ class BERT4Rec(nn.Module):
         # training sits for many epochs on the popularity plateau before it learns to use context.
         if isinstance(module, nn.Embedding):
             nn.init.trunc_normal_(module.weight, std=0.02, a=-0.04, b=0.04)
-        if isinstance(module, nn.Linear):
+            if module.padding_idx is not None:
+                with torch.no_grad():
+                    module.weight[module.padding_idx].zero_()
+        elif isinstance(module, nn.Linear):
             nn.init.xavier_normal_(module.weight)
             if module.bias is not None:
                 nn.init.zeros_(module.bias)
-        if isinstance(module, nn.Embedding) and module.padding_idx is not None:
-            with torch.no_grad():
-                module.weight[module.padding_idx].zero_()
 
     def encode(self, tokens: torch.Tensor, ratings: torch.Tensor | None = None) -> torch.Tensor:
         """(B, T) tokens [, (B, T) ratings 0..5] -> (B, T, D) hidden states after the output transform."""

@@ -234,7 +234,7 @@ class Scorer:
             os._exit(1)  # a hard crash of the actor process, as a lost node would look
         dev = self.device
         seen_flat, seen_offsets = data.list_column(batch, "seen")
-        seen = data.pad_left(np.split(seen_flat, seen_offsets[1:-1]), max(1, int(np.diff(seen_offsets).max(initial=1))))
+        seen = data.pad_seen(np.split(seen_flat, seen_offsets[1:-1]))
         ratings = torch.as_tensor(_unfixed(batch["ratings"]), device=dev) if "ratings" in batch.column_names else None
         values, top, fallback = score_batch(
             self.model,

@@ -59,9 +59,10 @@ def training_rows(batch: pa.Table, vocab_ids: np.ndarray, max_len: int, use_rati
             continue
         r = levels[sl][k][:-2] if levels is not None else None
         for end in window_ends(len(s), max_len, window_stride):
-            seqs.append(s[max(0, end - max_len) : end])
+            window = slice(max(0, end - max_len), end)
+            seqs.append(s[window])
             if r is not None:
-                rseqs.append(r[max(0, end - max_len) : end])
+                rseqs.append(r[window])
     out = {"tokens": data.pad_left(seqs, max_len)}
     if levels is not None:
         out["ratings"] = data.pad_left(rseqs, max_len)

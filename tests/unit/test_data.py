@@ -94,6 +94,12 @@ def test_pad_left_truncates_to_the_most_recent():
     assert out.tolist() == [[2, 3, 4], [0, 0, 5], [0, 0, 0]]
 
 
+def test_pad_seen_pads_to_the_longest_list_with_at_least_one_column():
+    seen = [np.array([4, 2]), np.array([], np.int64), np.array([7, 1, 3])]
+    assert data.pad_seen(seen).tolist() == [[0, 4, 2], [0, 0, 0], [7, 1, 3]]
+    assert data.pad_seen([np.array([], np.int64)] * 2).tolist() == [[0], [0]]
+
+
 def test_leave_one_out_split():
     seqs = [np.array([1, 2, 3, 4, 5])]
     assert [x.tolist() for x in data.loo_examples(seqs, "test")[0]] == [[1, 2, 3, 4]]
