@@ -26,8 +26,11 @@ GCS, raylet, workers and actors) the parent samples every ``--sample-s`` seconds
 
   ray   ``ray.init(address="local", num_cpus=--cpus)`` then
         ``bert4rec.score.score(ScoreConfig(..., batch_size, actors, cpus_per_actor, threads_per_actor, gpu))``:
-        read_parquet -> featurize tasks -> Scorer actors -> write_parquet -> verify -> publish.
-        Its time is the ``score()`` call (Ray start-up excluded, actor start-up included).
+        read_parquet -> batch-sized blocks -> featurize + Scorer actors -> write_parquet -> verify
+        -> publish. Its time is the ``score()`` call: Ray's start-up is excluded, and so (timed
+        and printed apart, ``--cold`` to include it) is a tiny Ray Data job that starts Ray Data's
+        cluster-wide helper actors, as training has done before scoring in a nightly run; the
+        scoring actors' start-up is included.
   bare  one process, no Ray: pyarrow reads the same Parquet files in batches of --batch-size,
         ``featurize`` then a ``Scorer`` instance called directly (the very code the actors run:
         ``score_batch`` + ``to_rows``), rows written to one Parquet file. The ceiling. Torch
@@ -74,10 +77,11 @@ def parse_args(argv=None):
     p.add_argument("--items", type=int, default=20_000)
     p.add_argument("--max-len", type=int, default=200, help="longest history and the model's max_len")
     p.add_argument("--mean-len", type=int, default=40, help="mean history length of the generator")
-    p.add_argument("--batch-size", type=int, default=512, help="ScoreConfig.batch_size (and the bare loop's)")
-    p.add_argument("--actors", type=int, default=1, help="ScoreConfig.actors")
-    p.add_argument("--cpus-per-actor", type=float, default=1.0, help="ScoreConfig.cpus_per_actor")
-    p.add_argument("--threads-per-actor", type=int, default=None, help="ScoreConfig.threads_per_actor")
+    p.add_argument("--batch-size", type=int, default=2048, help="ScoreConfig.batch_size (and the bare loop's)")
+    # defaults: configs/score.yaml's (two one-thread actors) on CPU; one actor per GPU with --gpu
+    p.add_argument("--actors", type=int, default=None, help="ScoreConfig.actors (default 2; 1 with --gpu)")
+    p.add_argument("--cpus-per-actor", type=float, default=None, help="ScoreConfig.cpus_per_actor (default 0.5; 1 with --gpu)")
+    p.add_argument("--threads-per-actor", type=int, default=None, help="ScoreConfig.threads_per_actor (default 1; unset with --gpu)")
     p.add_argument("--cpus", type=int, default=os.cpu_count() or 1, help="ray.init(num_cpus=...)")
     p.add_argument("--k", type=int, default=10)
     p.add_argument("--item-chunk-size", type=int, default=262_144)
@@ -93,6 +97,7 @@ def parse_args(argv=None):
         metavar="KEY=VALUE",
         help="environment variable for every Ray worker (ray.init runtime_env), e.g. MALLOC_MMAP_THRESHOLD_=1048576; repeatable",
     )
+    p.add_argument("--cold", action="store_true", help="time the ray path without first starting Ray Data's cluster-wide helper actors")
     p.add_argument("--object-store-mib", type=int, default=None, help="ray.init(object_store_memory=...)")
     p.add_argument("--memory-scaling", action="store_true", help="peak memory of the ray path at each --scaling-users")
     p.add_argument("--scaling-users", default="100000,1000000")
@@ -105,7 +110,14 @@ def parse_args(argv=None):
     p.add_argument("--child", choices=["ray", "bare"], help=argparse.SUPPRESS)
     p.add_argument("--data-dir", help=argparse.SUPPRESS)
     p.add_argument("--ckpt-dir", help=argparse.SUPPRESS)
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.actors is None:
+        args.actors = 1 if args.gpu else 2
+    if args.cpus_per_actor is None:
+        args.cpus_per_actor = 1.0 if args.gpu else 0.5
+    if args.threads_per_actor is None and not args.gpu:
+        args.threads_per_actor = 1
+    return args
 
 
 # ---------------------------------------------------------------- data and model
@@ -218,9 +230,39 @@ def _proc_cpu_s(pid: int) -> float:
         return 0.0
 
 
-def tree_memory_mib(root: int, cpu: dict[int, float] | None = None) -> tuple[float, float, int]:
+def _proc_label(pid: int) -> str:
+    """A process's role for the CPU breakdown: its title (Ray names workers ``ray::Scorer`` etc.)."""
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            argv = f.read().split(b"\0")
+    except OSError:
+        return "?"
+    first = argv[0].decode(errors="replace")
+    if first.startswith("ray::"):
+        title = first.split()[0]
+        cut = title.rfind(")") + 1  # drop the method: ray::Actor.method, ray::MapWorker(...).__init__
+        dot = title.find(".", cut)
+        return title if dot < 0 else title[:dot]
+    name = os.path.basename(first)
+    if name.startswith("python"):
+        for a in argv[1:]:
+            a = a.decode(errors="replace")
+            if a.endswith(".py"):
+                return os.path.basename(a)
+    return name
+
+
+def _relabel(labels: dict[int, str], pid: int) -> None:
+    """Keeps the most telling title seen: a worker runs as ``ray::IDLE`` between tasks."""
+    label = _proc_label(pid)
+    named = label.startswith("ray::") and label != "ray::IDLE"
+    if pid not in labels or (named and not (labels[pid].startswith("ray::") and labels[pid] != "ray::IDLE")):
+        labels[pid] = label
+
+
+def tree_memory_mib(root: int, cpu: dict[int, float] | None = None, labels: dict[int, str] | None = None) -> tuple[float, float, int]:
     """(summed RSS, summed PSS, processes) of ``root`` and all its descendants; ``cpu``, when
-    given, is updated with each process's CPU seconds so far."""
+    given, is updated with each process's CPU seconds so far, and ``labels`` with its role."""
     try:
         import psutil
 
@@ -235,6 +277,8 @@ def tree_memory_mib(root: int, cpu: dict[int, float] | None = None) -> tuple[flo
                 if cpu is not None:
                     t = p.cpu_times()
                     cpu[p.pid] = max(cpu.get(p.pid, 0.0), t.user + t.system)
+                if labels is not None:
+                    _relabel(labels, p.pid)
                 full = p.memory_full_info()
                 rss += full.rss
                 pss += getattr(full, "pss", full.rss)
@@ -255,6 +299,8 @@ def tree_memory_mib(root: int, cpu: dict[int, float] | None = None) -> tuple[flo
         rss, pss = rss + r, pss + p
         if cpu is not None:
             cpu[pid] = max(cpu.get(pid, 0.0), _proc_cpu_s(pid))
+        if labels is not None:
+            _relabel(labels, pid)
     return rss / 1024, pss / 1024, len(seen)
 
 
@@ -267,11 +313,12 @@ def run_child(args, argv: list[str], path: str, data_dir: str, users: int, ckpt:
         proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=err, text=True)
         peak = {"rss": 0.0, "pss": 0.0, "procs": 0}
         cpu: dict[int, float] = {}
+        labels: dict[int, str] = {}
         stop = threading.Event()
 
         def sample():
             while not stop.is_set():
-                rss, pss, n = tree_memory_mib(proc.pid, cpu)
+                rss, pss, n = tree_memory_mib(proc.pid, cpu, labels)
                 peak["rss"], peak["pss"], peak["procs"] = max(peak["rss"], rss), max(peak["pss"], pss), max(peak["procs"], n)
                 stop.wait(args.sample_s)
 
@@ -286,7 +333,10 @@ def run_child(args, argv: list[str], path: str, data_dir: str, users: int, ckpt:
             tail = f.read()[-3000:]
         raise RuntimeError(f"{path} child failed (rc={proc.returncode}), log {log}:\n{tail}")
     res = json.loads(out.strip().splitlines()[-1])
-    return {**res, "peak_rss_mib": peak["rss"], "peak_pss_mib": peak["pss"], "max_procs": peak["procs"], "child_wall_s": wall, "tree_cpu_s": sum(cpu.values())}
+    by_role: dict[str, float] = {}
+    for pid, s in cpu.items():
+        by_role[labels.get(pid, "?")] = by_role.get(labels.get(pid, "?"), 0.0) + s
+    return {**res, "cpu_by_role": dict(sorted(by_role.items(), key=lambda kv: -kv[1])), "peak_rss_mib": peak["rss"], "peak_pss_mib": peak["pss"], "max_procs": peak["procs"], "child_wall_s": wall, "tree_cpu_s": sum(cpu.values())}
 
 
 # ---------------------------------------------------------------- the two paths (children)
@@ -318,12 +368,22 @@ def child_ray(args) -> dict:
         gpu=args.gpu,
         item_chunk_size=args.item_chunk_size,
     )
+    warm = 0.0
+    if not args.cold:
+        # Ray Data's cluster-wide helpers (stats and autoscaling-coordinator actors, a worker
+        # with ray.data imported) start on a cluster's first Ray Data job; in a nightly run
+        # training has started them before scoring begins. Timed separately.
+        import ray.data
+
+        t = time.perf_counter()
+        ray.data.range(8).map_batches(lambda b: b).materialize()
+        warm = time.perf_counter() - t
     t0 = time.perf_counter()
     manifest = score(cfg)
     wall = time.perf_counter() - t0
     ray.shutdown()
     shutil.rmtree(out, ignore_errors=True)
-    return {"path": "ray", "users": manifest["input_users"], "rows": manifest["rows"], "wall_s": wall, "timings": manifest.get("timings", {})}
+    return {"path": "ray", "users": manifest["input_users"], "rows": manifest["rows"], "wall_s": wall, "ray_data_warmup_s": warm, "timings": manifest.get("timings", {})}
 
 
 def child_bare(args) -> dict:
@@ -371,7 +431,12 @@ def child_bare(args) -> dict:
 
 def _line(name: str, r: dict) -> str:
     t = r.get("timings", {})
-    extra = f"  (score() phases: validate {t.get('validate_s', 0):.1f} s, pipeline {t.get('score_s', 0):.1f} s, verify {t.get('verify_s', 0):.1f} s)" if t else f"  (torch threads {r.get('threads')})"
+    extra = (
+        f"  (score() phases: validate {t.get('validate_s', 0):.1f} s, pipeline {t.get('score_s', 0):.1f} s, verify {t.get('verify_s', 0):.1f} s; "
+        f"untimed Ray Data warm-up before it: {r.get('ray_data_warmup_s', 0):.1f} s)"
+        if t
+        else f"  (torch threads {r.get('threads')})"
+    )
     return (
         f"| {name:<5} | {r['users']:>9,} | {r['wall_s']:>8.1f} | {r['users'] / r['wall_s']:>8,.0f} | {r['tree_cpu_s']:>7.0f} | "
         f"{r['peak_pss_mib']:>13,.0f} | {r['peak_rss_mib']:>13,.0f} | {r['max_procs']:>5} |{extra}"
@@ -433,6 +498,8 @@ def main(argv=None):
         print(f"\nusers={users:,} items={items:,} mean_len={args.mean_len} max_len={args.max_len}\n" + HEADER)
         for path, r in results.items():
             print(_line(path, r))
+        for path, r in results.items():
+            print(f"CPU s by process ({path}): " + ", ".join(f"{k} {v:.1f}" for k, v in r["cpu_by_role"].items() if v >= 0.5))
         if "ray" in results and "bare" in results:
             a, b = results["ray"], results["bare"]
             print(

@@ -293,6 +293,19 @@ def _check_histories(uri: str, storage: StorageConfig) -> tuple[np.ndarray, bool
     return u, "ratings" in schema.names
 
 
+def _check_cpu_reservation(cfg: ScoreConfig, cluster_cpus: float) -> None:
+    """The actors hold their CPUs for the whole run and reading and writing tasks need one more.
+    When the actors fit but leave less than one CPU, they start and the read never does: the
+    run waits forever. (More than the cluster has is left to Ray: an autoscaler may add nodes.)"""
+    reserved = cfg.actors * cfg.cpus_per_actor
+    if cluster_cpus - 1 < reserved <= cluster_cpus:
+        raise InputError(
+            f"actors x cpus_per_actor = {cfg.actors} x {cfg.cpus_per_actor:g} = {reserved:g} CPUs leaves less than one "
+            f"of the cluster's {cluster_cpus:g} CPUs for reading and writing; lower actors or cpus_per_actor "
+            "(threads_per_actor sets torch threads independently of the reservation)"
+        )
+
+
 def _read_exclusions(uri: str | None, storage: StorageConfig, vocab_ids: np.ndarray):
     """--exclude -> (global tokens, per-user users sorted, per-user tokens)."""
     empty = np.zeros(0, np.int64)
@@ -356,11 +369,19 @@ def _score_and_publish(cfg, loaded, users, has_ratings, global_exclude, ex_users
     hist_fs, hist_path = arrow_filesystem(cfg.histories, cfg.storage)
     columns = ["user_id", "item_ids"] + (["ratings"] if has_ratings and mc.use_ratings else [])
     t1 = time.time()
+    _check_cpu_reservation(cfg, ray.cluster_resources().get("CPU", 0.0))
     ds = ray.data.read_parquet(hist_path, filesystem=hist_fs, file_extensions=["parquet"]).select_columns(columns)
+    # The reader packs whole files into blocks of up to 128 MiB (all of a small table in one).
+    # Batch-sized blocks let every actor take a share and keep the last one from running alone.
+    ds = ds.repartition(target_num_rows_per_block=cfg.batch_size)
     ds = ds.map_batches(
         featurize,
         batch_format="pyarrow",
         batch_size=cfg.batch_size,
+        # On CPU, the same reservation as the actor's lets Ray Data fuse featurize into the actor
+        # (no separate tasks competing for the CPUs the actors leave free); on GPU it runs in CPU
+        # tasks that feed the GPU actors.
+        **({} if cfg.gpu else {"num_cpus": cfg.cpus_per_actor}),
         fn_kwargs={
             "vocab_ids": vocab_ids,
             "max_len": mc.max_len,
@@ -387,7 +408,9 @@ def _score_and_publish(cfg, loaded, users, has_ratings, global_exclude, ex_users
         },
         batch_size=cfg.batch_size,
         batch_format="pyarrow",
-        compute=ray.data.ActorPoolStrategy(size=cfg.actors),
+        # one batch running and one waiting per actor: enough to hide the hand-over, and no
+        # queue left on one actor while another has nothing to do at the end
+        compute=ray.data.ActorPoolStrategy(size=cfg.actors, max_tasks_in_flight_per_actor=2),
         num_gpus=1 if cfg.gpu else 0,
         num_cpus=cfg.cpus_per_actor,
     )

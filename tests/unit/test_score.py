@@ -21,10 +21,10 @@ import torch
 
 from bert4rec import checkpoint as ckpt_lib
 from bert4rec import data
-from bert4rec.config import StorageConfig
+from bert4rec.config import ScoreConfig, StorageConfig
 from bert4rec.io import InputError
 from bert4rec.model import BERT4Rec, BERT4RecConfig
-from bert4rec.score import OUTPUT_SCHEMA, Scorer, _check_histories, _read_exclusions, _read_titles, featurize, score_batch, to_rows
+from bert4rec.score import OUTPUT_SCHEMA, Scorer, _check_cpu_reservation, _check_histories, _read_exclusions, _read_titles, featurize, score_batch, to_rows
 
 INF = math.inf
 V = 6  # items: tokens 1..6; padding 0; [MASK] 7
@@ -358,3 +358,24 @@ def test_scorer_sets_its_torch_thread_count(hand_made_checkpoint):
         assert torch.get_num_threads() == 3
     finally:
         torch.set_num_threads(before)
+
+
+@pytest.mark.parametrize(
+    ("actors", "cpus_per_actor", "cluster_cpus", "stalls"),
+    [
+        (1, 1.0, 2.0, False),  # one CPU left for reads and writes
+        (2, 0.5, 2.0, False),
+        (2, 1.0, 2.0, True),  # every CPU held by actors: the read never starts
+        (3, 0.5, 2.0, True),  # half a CPU left is not enough for a 1-CPU task
+        (2, 2.0, 4.0, True),
+        (4, 2.0, 2.0, False),  # more than the cluster has: left to Ray (an autoscaler may add nodes)
+        (4, 2.0, 9.0, False),
+    ],
+)
+def test_cpu_reservation_must_leave_one_cpu_for_reads_and_writes(actors, cpus_per_actor, cluster_cpus, stalls):
+    cfg = ScoreConfig(checkpoint="c", histories="h", out="o", actors=actors, cpus_per_actor=cpus_per_actor)
+    if stalls:
+        with pytest.raises(InputError, match=rf"actors x cpus_per_actor = {actors} x {cpus_per_actor:g} = .* leaves less than one of the cluster's {cluster_cpus:g} CPUs"):
+            _check_cpu_reservation(cfg, cluster_cpus)
+    else:
+        _check_cpu_reservation(cfg, cluster_cpus)
