@@ -120,6 +120,11 @@ class ScoreSettings(Strict):
     exclude: str | None = Field(None, description="Parquet of item_id, or of user_id, item_id, never recommended")
     items: str | None = Field(None, description="Parquet of item_id, title, ...: titles ride along")
     item_chunk_size: int = Field(262_144, gt=0, description="top-k over the catalogue in chunks of this many items")
+    rows_per_file: int = Field(
+        100_000,
+        gt=0,
+        description="users per output Parquet file, at least (the last file may hold fewer); blocks of batch_size users are joined to reach it",
+    )
     fail_on_batch: int | None = Field(None, description="testing aid: a scoring actor exits on this batch, once")
     fail_marker: str | None = Field(None, description="testing aid: file marking the injected failure as done")
 

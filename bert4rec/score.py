@@ -415,7 +415,8 @@ def _score_and_publish(cfg, loaded, users, has_ratings, global_exclude, ex_users
         num_cpus=cfg.cpus_per_actor,
     )
     out_fs, staging_path = arrow_filesystem(staging, cfg.storage)
-    ds.write_parquet(staging_path, filesystem=out_fs)
+    # scoring runs in blocks of batch_size users; consumers would rather read few large files
+    ds.write_parquet(staging_path, filesystem=out_fs, min_rows_per_file=cfg.rows_per_file)
     timings["score_s"] = time.time() - t1
 
     t2 = time.time()

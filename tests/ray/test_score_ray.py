@@ -92,6 +92,8 @@ def test_every_user_gets_k_unseen_items(base, histories, loaded, trained_run):
     # what a reader of the directory sees: the manifest and exactly the files it lists
     assert base["files"] == sorted(["_SUCCESS", *manifest["files"]])
     assert {k: base["result"][k] for k in manifest} == manifest
+    # 600 users scored in blocks of 128, joined into one file (rows_per_file: 100,000)
+    assert len(manifest["files"]) == 1
 
 
 def test_scores_agree_with_the_model_called_directly(base, histories, loaded):
@@ -116,7 +118,8 @@ def test_scores_agree_with_the_model_called_directly(base, histories, loaded):
 
 
 def test_rerun_replaces_the_table_whole(base, trained_run, synthetic_data, histories, tmp_path_factory):
-    """Same --out again, now with a global --exclude list of the three most recommended items."""
+    """Same --out again, now with a global --exclude list of the three most recommended items,
+    and files of at least 250 users."""
     out = base["out"]
     old = as_dict(base["table"])
     counts = {}
@@ -127,9 +130,13 @@ def test_rerun_replaces_the_table_whole(base, trained_run, synthetic_data, histo
     exclude = str(tmp_path_factory.mktemp("exclude") / "global.parquet")
     pq.write_table(pa.table({"item_id": pa.array(banned + [10**9], pa.int64())}), exclude)  # 10**9: unknown, ignored
 
-    score(ScoreConfig(checkpoint=trained_run["out"], histories=synthetic_data["histories"], out=out, k=K, batch_size=128, exclude=exclude))
+    score(ScoreConfig(checkpoint=trained_run["out"], histories=synthetic_data["histories"], out=out, k=K, batch_size=128, exclude=exclude, rows_per_file=250))
     manifest, table = read_manifest(out), read_table(out)
     check_invariants(table, manifest, history_dict(histories))
+    # blocks of 128 users are joined until a file holds 250; only the last may hold fewer
+    file_rows = sorted(pq.read_metadata(os.path.join(out, f)).num_rows for f in manifest["files"])
+    assert sum(file_rows) == histories.num_rows == 600 and len(file_rows) >= 2
+    assert all(n >= 250 for n in file_rows[1:])
     assert manifest["run_id"] != base["manifest"]["run_id"]
     assert manifest["rows"] == base["manifest"]["rows"]
     # the old part files are gone; nothing but the new manifest and its files is left
