@@ -85,6 +85,7 @@ def parse_args(argv=None):
     p.add_argument("--cpus", type=int, default=os.cpu_count() or 1, help="ray.init(num_cpus=...)")
     p.add_argument("--k", type=int, default=10)
     p.add_argument("--item-chunk-size", type=int, default=262_144)
+    p.add_argument("--rows-per-file", type=int, default=100_000, help="ScoreConfig.rows_per_file")
     p.add_argument("--hidden", type=int, default=64)
     p.add_argument("--layers", type=int, default=2)
     p.add_argument("--heads", type=int, default=2)
@@ -367,6 +368,7 @@ def child_ray(args) -> dict:
         threads_per_actor=args.threads_per_actor,
         gpu=args.gpu,
         item_chunk_size=args.item_chunk_size,
+        rows_per_file=args.rows_per_file,
     )
     warm = 0.0
     if not args.cold:
