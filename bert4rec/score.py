@@ -349,6 +349,11 @@ def score(cfg: ScoreConfig, manifest_extra: dict | None = None) -> dict:
     vocab_ids = loaded.vocab_ids
     global_exclude, ex_users, ex_tokens = _read_exclusions(cfg.exclude, cfg.storage, vocab_ids)
     titles = _read_titles(cfg.items, cfg.storage, vocab_ids)
+    import ray
+
+    if not ray.is_initialized():
+        ray.init()  # what Ray Data would do on its first read; the check below needs the cluster's size
+    _check_cpu_reservation(cfg, ray.cluster_resources().get("CPU", 0.0))
     timings["validate_s"] = time.time() - t0
 
     # one writer per output: a second run of the same --out waits for nothing and fails fast
@@ -369,7 +374,6 @@ def _score_and_publish(cfg, loaded, users, has_ratings, global_exclude, ex_users
     hist_fs, hist_path = arrow_filesystem(cfg.histories, cfg.storage)
     columns = ["user_id", "item_ids"] + (["ratings"] if has_ratings and mc.use_ratings else [])
     t1 = time.time()
-    _check_cpu_reservation(cfg, ray.cluster_resources().get("CPU", 0.0))
     ds = ray.data.read_parquet(hist_path, filesystem=hist_fs, file_extensions=["parquet"]).select_columns(columns)
     # The reader packs whole files into blocks of up to 128 MiB (all of a small table in one).
     # Batch-sized blocks let every actor take a share and keep the last one from running alone.
