@@ -166,7 +166,51 @@ class BERT4Rec(nn.Module):
 
 
 def cloze_loss(model: BERT4Rec, tokens: torch.Tensor, labels: torch.Tensor, ratings: torch.Tensor | None = None) -> torch.Tensor:
-    """Mean cross-entropy over the masked positions. labels (B, T): the true token where masked, 0 elsewhere."""
+    """Mean cross-entropy over the masked positions, a full softmax over the catalogue.
+    labels (B, T): the true token where masked, 0 elsewhere."""
     positions = labels > 0
     logits = model(tokens, ratings, positions)  # (M, V+2)
     return F.cross_entropy(logits.float(), labels[positions])
+
+
+def sampled_cloze_loss(
+    model: BERT4Rec,
+    tokens: torch.Tensor,
+    labels: torch.Tensor,
+    ratings: torch.Tensor | None,
+    negatives: torch.Tensor,
+    log_q: torch.Tensor,
+) -> torch.Tensor:
+    """Cloze cross-entropy with a sampled softmax (Jean et al. 2015) and the logQ correction
+    (Bengio & Senecal 2008; Yi et al. 2019): each masked position scores its target against
+    ``negatives`` (N,) item tokens shared by the batch, drawn with replacement from a
+    distribution q; every logit is lowered by ``log_q`` (V+2,) = log(N q(item)), so that the
+    loss is an unbiased-in-the-limit estimate of the full softmax's. A negative that is the
+    position's own target (an accidental hit) is masked out.
+
+    Memory is (M, N) instead of (M, V): what makes million-item catalogues trainable.
+    """
+    positions = labels > 0
+    h = model.encode(tokens, ratings)[positions]  # (M, D)
+    target = labels[positions]  # (M,)
+    w, b = model.item_emb.weight, model.out_bias
+    pos = (h * w[target]).sum(-1) + b[target] - log_q[target]  # (M,)
+    neg = h @ w[negatives].T + (b[negatives] - log_q[negatives])  # (M, N)
+    neg = neg.masked_fill(negatives[None, :] == target[:, None], float("-inf"))
+    logits = torch.cat([pos[:, None], neg], dim=1).float()  # (M, 1 + N)
+    return F.cross_entropy(logits, torch.zeros(len(target), dtype=torch.long, device=logits.device))
+
+
+def negative_sampler(counts: torch.Tensor, num_negatives: int, alpha: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """The sampling distribution of :func:`sampled_cloze_loss`: q(item) proportional to
+    ``count ** alpha`` over items 1..V (``alpha`` 0: uniform; padding and [MASK] never drawn).
+    counts (V+2,) by token. Returns (q (V+2,), log_q (V+2,) = log(num_negatives x q))."""
+    q = counts.double().clamp(min=0) ** alpha if alpha else torch.ones(len(counts), dtype=torch.float64, device=counts.device)
+    q[0] = 0
+    q[-1] = 0
+    if q.sum() <= 0:
+        q[1:-1] = 1
+    q = q / q.sum()
+    # an item that can never be drawn keeps a finite correction (it only appears as a target)
+    log_q = torch.log((num_negatives * q).clamp(min=1e-30)).float()
+    return q.float(), log_q

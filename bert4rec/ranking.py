@@ -48,6 +48,7 @@ __all__ = [
     "topk_excluding",
     "chunked_topk",
     "rank_of_target",
+    "chunked_rank_of_target",
     "sampled_rank_of_target",
     "hr_ndcg_mrr",
 ]
@@ -373,6 +374,65 @@ def rank_of_target(
         s = scores.gather(1, ex.clamp(0, n_items))
         beats = (s > t_score) | ((s == t_score) & (ex < t_col))
         count -= (beats & valid).sum(1)
+    return count + 1
+
+
+@torch.no_grad()
+def chunked_rank_of_target(
+    hidden: Tensor,
+    item_weight: Tensor,
+    item_bias: Tensor | None,
+    target: Tensor,
+    exclude: Tensor | None,
+    num_items: int,
+    chunk_size: int,
+) -> Tensor:
+    """:func:`rank_of_target` of ``hidden @ item_weight.T + item_bias`` without the full
+    ``(B, N)`` score matrix: items are scored ``chunk_size`` at a time (peak extra memory
+    about ``B x chunk_size`` scores), as :func:`chunked_topk` does for scoring.
+
+    Two passes over the item blocks: the first reads each target's score from the block
+    that holds it, the second counts the items that beat it. Both passes compute a block
+    with the same matmul, so the target is compared with scores rounded the same way as
+    its own (a separately computed dot product could round differently and let the target
+    beat or tie itself). Exclusions are applied in the block (never to the target itself).
+
+    Returns ``(B,)`` int64 ranks, ``1 <= rank <= V``.
+    """
+    if hidden.dim() != 2 or item_weight.dim() != 2 or hidden.shape[1] != item_weight.shape[1]:
+        raise ValueError(
+            f"need hidden (B, D) and item_weight (N, D), got {tuple(hidden.shape)} and {tuple(item_weight.shape)}"
+        )
+    n_items = _check_num_items(num_items, item_weight.shape[0], "item_weight")
+    if isinstance(chunk_size, bool) or chunk_size is None or chunk_size < 1:
+        raise ValueError(f"chunk_size must be >= 1, got {chunk_size!r}")
+    batch = hidden.shape[0]
+    target = _check_target(target.to(hidden.device), batch, n_items)
+    t_col = target.unsqueeze(1)
+    ex = _merge_exclusions(exclude, None, batch, hidden.device)
+    out_dtype = torch.result_type(hidden, item_weight)
+    buf = _BlockBuffer(batch, min(chunk_size, n_items), out_dtype, hidden.device)
+
+    def block(start: int, stop: int) -> Tensor:
+        out = buf.get(stop - start)
+        w = item_weight[start:stop]
+        if item_bias is None:
+            return torch.mm(hidden, w.T, out=out)
+        return torch.addmm(item_bias[start:stop], hidden, w.T, out=out)
+
+    spans = [(s, min(s + chunk_size, n_items + 1)) for s in range(1, n_items + 1, chunk_size)]
+    t_score = torch.empty(batch, 1, dtype=out_dtype, device=hidden.device)
+    for start, stop in spans:
+        inside = (t_col >= start) & (t_col < stop)
+        b = block(start, stop)
+        t_score = torch.where(inside, b.gather(1, (t_col - start).clamp(0, stop - start - 1)), t_score)
+    count = torch.zeros(batch, dtype=torch.int64, device=hidden.device)
+    for start, stop in spans:
+        b = block(start, stop)
+        _exclude_in_block(b, ex, start)
+        cols = torch.arange(start, stop, device=hidden.device).unsqueeze(0)
+        count += ((b > t_score) & (cols != t_col)).sum(1)
+        count += ((b == t_score) & (cols < t_col)).sum(1)
     return count + 1
 
 

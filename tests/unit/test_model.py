@@ -81,3 +81,37 @@ def test_initial_weight_scales():
             fan_out, fan_in = lin.weight.shape
             assert lin.weight.std().item() == pytest.approx((2 / (fan_in + fan_out)) ** 0.5, rel=0.05)
             assert torch.equal(lin.bias, torch.zeros(fan_out))
+
+
+def test_sampled_loss_over_every_item_equals_the_full_softmax_over_items():
+    # every item drawn once with uniform q: log(N q) = log(V / V) = 0, and the sampled softmax
+    # is exactly the full softmax over items 1..V (accidental hits removed)
+    from bert4rec.model import negative_sampler, sampled_cloze_loss
+
+    torch.manual_seed(0)
+    model = BERT4Rec(CFG).eval()
+    inputs = torch.tensor([[0, 1, 11, 3], [4, 11, 6, 11]])
+    labels = torch.tensor([[0, 0, 2, 0], [0, 5, 0, 7]])
+    q, log_q = negative_sampler(torch.ones(12), 10, alpha=0.0)
+    assert q[0] == 0 and q[11] == 0 and torch.allclose(q[1:11], torch.full((10,), 0.1))
+    assert torch.allclose(log_q[1:11], torch.zeros(10), atol=1e-6)
+    sampled = sampled_cloze_loss(model, inputs, labels, None, torch.arange(1, 11), log_q)
+    logits = model(inputs, None, labels > 0)[:, 1:11]
+    full = torch.nn.functional.cross_entropy(logits, labels[labels > 0] - 1)
+    assert sampled.item() == pytest.approx(full.item(), abs=1e-5)
+
+
+def test_sampled_loss_logq_and_gradients():
+    from bert4rec.model import negative_sampler, sampled_cloze_loss
+
+    counts = torch.tensor([0, 8, 4, 2, 1, 1, 0, 0, 0, 0, 0, 0], dtype=torch.float)
+    q, log_q = negative_sampler(counts, 4, alpha=1.0)
+    assert q.tolist()[:6] == pytest.approx([0, 0.5, 0.25, 0.125, 0.0625, 0.0625])
+    assert log_q[1].item() == pytest.approx(torch.log(torch.tensor(2.0)).item())  # log(4 x 0.5)
+    model = BERT4Rec(CFG)
+    inputs = torch.tensor([[0, 1, 11, 3]])
+    labels = torch.tensor([[0, 0, 2, 0]])
+    negatives = torch.multinomial(q, 4, replacement=True, generator=torch.Generator().manual_seed(0))
+    loss = sampled_cloze_loss(model, inputs, labels, None, negatives, log_q)
+    loss.backward()
+    assert torch.isfinite(loss) and model.item_emb.weight.grad is not None

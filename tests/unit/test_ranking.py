@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from bert4rec.ranking import (
+    chunked_rank_of_target,
     chunked_topk,
     hr_ndcg_mrr,
     rank_of_target,
@@ -326,3 +327,32 @@ def test_hr_ndcg_mrr_boundary_and_errors():
         hr_ndcg_mrr([], 10)
     with pytest.raises(ValueError):
         hr_ndcg_mrr([0, 1], 10)
+
+
+@pytest.mark.parametrize("chunk", [1, 3, 7, 40, 41, 1000])
+@pytest.mark.parametrize("seed", range(4))
+def test_chunked_rank_of_target_equals_full_rank_on_integer_scores(seed, chunk):
+    # small integer embeddings: exact scores in any summation order, with many ties
+    g = torch.Generator().manual_seed(200 + seed)
+    n_items, batch, dim = 41, 8, 4
+    hidden = torch.randint(-2, 3, (batch, dim), generator=g).float()
+    weight = torch.randint(-2, 3, (n_items + 2, dim), generator=g).float()
+    bias = torch.randint(-1, 2, (n_items + 2,), generator=g).float()
+    _, exclude, _ = random_case(seed, batch=batch, num_items=n_items)
+    target = torch.randint(1, n_items + 1, (batch,), generator=g)
+    exclude[:3, -1] = target[:3]  # a target also in the history is never excluded
+    full = rank_of_target(torch.addmm(bias, hidden, weight.T), target, exclude, n_items)
+    chunked = chunked_rank_of_target(hidden, weight, bias, target, exclude, n_items, chunk)
+    assert chunked.tolist() == full.tolist()
+
+
+def test_chunked_rank_of_target_hand_made():
+    # D = 1, hidden = 1: the scores are item_weight itself. Items 1..4 score 5, 9, 9, 1.
+    weight = torch.tensor([[0.0], [5.0], [9.0], [9.0], [1.0], [0.0]])
+    hidden = torch.ones(3, 1)
+    target = t64([1, 3, 4])
+    exclude = t64([[0, 2], [0, 0], [3, 2]])
+    # user 0: item 2 excluded, 3 beats 1 -> rank 2; user 1: 2 ties 3 with a lower id -> 2;
+    # user 2: 2 and 3 excluded, 1 beats 4 -> 2
+    for chunk in (1, 2, 4):
+        assert chunked_rank_of_target(hidden, weight, None, target, exclude, 4, chunk).tolist() == [2, 2, 2]
