@@ -13,7 +13,7 @@ import torch
 
 from bert4rec import data
 from bert4rec.model import BERT4Rec
-from bert4rec.ranking import hr_ndcg_mrr, rank_of_target, sampled_rank_of_target
+from bert4rec.ranking import chunked_rank_of_target, hr_ndcg_mrr, rank_of_target, sampled_rank_from_candidates, sampled_rank_of_target
 
 
 @dataclass
@@ -123,10 +123,13 @@ def model_ranks(
     batch_size: int = 256,
     negatives: np.ndarray | None = None,
     device: str | torch.device = "cpu",
+    item_chunk_size: int = 1 << 17,
 ) -> tuple[np.ndarray, np.ndarray | None]:
     """Full-ranking ranks of each target (seen items excluded) and, given negatives, its rank
     among target + negatives; in ``eval_set``'s order. Users go through the model in order of
-    history length, each batch trimmed of its shared padding (the same ranks, less work)."""
+    history length, each batch trimmed of its shared padding (the same ranks, less work).
+    A catalogue of more than ``item_chunk_size`` tokens is ranked in item chunks of that
+    size, so that no (B, V) score matrix is held."""
     was_training = model.training
     model.eval()
     num_items = model.config.num_items
@@ -139,12 +142,23 @@ def model_ranks(
         if eval_set.ratings is not None:
             batch["ratings"] = torch.as_tensor(eval_set.ratings[idx])
         batch = {k: v.to(device) for k, v in data.trim_padding(batch).items()}
-        scores = model.logits(model.last_hidden(batch["tokens"], batch.get("ratings"))).float().cpu()  # (B, V+2)
+        hidden = model.last_hidden(batch["tokens"], batch.get("ratings"))  # (B, D)
         seen = torch.as_tensor(data.pad_seen([eval_set.seen[i] for i in idx]))
         targets = torch.as_tensor(eval_set.targets[idx])
-        full[idx] = rank_of_target(scores, targets, seen, num_items).numpy()
+        if num_items + 2 <= item_chunk_size:
+            scores = model.logits(hidden).float().cpu()  # (B, V+2)
+            full[idx] = rank_of_target(scores, targets, seen, num_items).numpy()
+            if sampled is not None:
+                sampled[idx] = sampled_rank_of_target(scores, targets, torch.as_tensor(negatives[idx])).numpy()
+            continue
+        # a large catalogue: never the (B, V+2) matrix, as in scoring
+        weight, bias = model.item_emb.weight, model.out_bias
+        full[idx] = chunked_rank_of_target(hidden, weight, bias, targets.to(device), seen.to(device), num_items, item_chunk_size).cpu().numpy()
         if sampled is not None:
-            sampled[idx] = sampled_rank_of_target(scores, targets, torch.as_tensor(negatives[idx])).numpy()
+            neg = torch.as_tensor(negatives[idx]).to(device)
+            cand = torch.cat([targets.to(device)[:, None], neg], dim=1)  # (B, 1 + M)
+            cand_scores = torch.bmm(hidden[:, None, :], weight[cand].transpose(1, 2)).squeeze(1) + bias[cand]
+            sampled[idx] = sampled_rank_from_candidates(cand_scores.float(), targets.to(device), neg).cpu().numpy()
     model.train(was_training)
     return full, sampled
 

@@ -50,6 +50,7 @@ __all__ = [
     "rank_of_target",
     "chunked_rank_of_target",
     "sampled_rank_of_target",
+    "sampled_rank_from_candidates",
     "hr_ndcg_mrr",
 ]
 
@@ -462,8 +463,18 @@ def sampled_rank_of_target(scores: Tensor, target: Tensor, negatives: Tensor) ->
         raise ValueError(f"negatives must be (B={batch}, M), got {tuple(negatives.shape)}")
     t_col = target.to(device=scores.device, dtype=torch.int64).unsqueeze(1)
     neg = negatives.to(device=scores.device, dtype=torch.int64)
-    t_score = scores.gather(1, t_col)
-    s = scores.gather(1, neg)
+    return sampled_rank_from_candidates(torch.cat([scores.gather(1, t_col), scores.gather(1, neg)], dim=1), target, neg)
+
+
+@torch.no_grad()
+def sampled_rank_from_candidates(candidate_scores: Tensor, target: Tensor, negatives: Tensor) -> Tensor:
+    """:func:`sampled_rank_of_target` from the scores of the candidates alone:
+    ``candidate_scores`` ``(B, 1 + M)`` holds the target's score in column 0 and the
+    negatives' (in ``negatives`` order) after it, e.g. from one small matmul per user when
+    the full ``(B, N)`` score matrix is too large to hold."""
+    t_col = target.to(device=candidate_scores.device, dtype=torch.int64).unsqueeze(1)
+    neg = negatives.to(device=candidate_scores.device, dtype=torch.int64)
+    t_score, s = candidate_scores[:, :1], candidate_scores[:, 1:]
     beats = (s > t_score) | ((s == t_score) & (neg < t_col))
     valid = (neg != 0) & (neg != t_col)
     return (beats & valid).sum(1) + 1

@@ -85,6 +85,11 @@ def test_model_ranks_in_length_order_equal_the_untrimmed_ranks_in_input_order():
     assert full.tolist() == expected
     assert sampled.tolist() == expected_sampled
     assert all(1 <= r <= 6 for r in full.tolist())
+    # a catalogue ranked in item chunks (as a large one is) gives the same ranks
+    for chunk in (1, 3, 5):
+        full_c, sampled_c = model_ranks(model, e, batch_size=2, negatives=negatives, item_chunk_size=chunk)
+        assert full_c.tolist() == expected
+        assert sampled_c.tolist() == expected_sampled
     # no users: no ranks, and no batch is run
     nobody = EvalSet(tokens=tokens[:0], ratings=None, targets=e.targets[:0], seen=[], user_ids=e.user_ids[:0])
     full, sampled = model_ranks(model, nobody, batch_size=2, negatives=negatives[:0])
