@@ -15,6 +15,9 @@ import torch
 from bert4rec.io import InputError
 
 REQUIRED_COLUMNS = ("user_id", "item_id", "timestamp")
+# histories column: distinct item ids a user had before ``item_ids`` when ``max_len`` cut
+# the history; never model input, always excluded from what the user is recommended
+TRUNCATED_COLUMN = "truncated_item_ids"
 # MovieLens' ratings.csv spelling -> ours
 COLUMN_ALIASES = {"userId": "user_id", "movieId": "item_id", "itemId": "item_id"}
 
@@ -64,7 +67,9 @@ def build_histories(
     max_len: int | None = None,
 ) -> tuple[pa.Table, dict]:
     """Validated interactions -> one row per user: ``user_id``, ``item_ids`` (oldest first)
-    [, ``ratings``], sorted by ``user_id``. Ties in time keep their input order.
+    [, ``ratings``], sorted by ``user_id``. Ties in time keep their input order. With
+    ``max_len``, ``item_ids`` keeps the latest ``max_len`` items and ``truncated_item_ids``
+    lists the distinct ids of the items cut before them (empty when none were).
 
     Returns the histories and counts of what was dropped and why.
     """
@@ -91,19 +96,24 @@ def build_histories(
     stats["dropped"]["short_user_rows"] = int(lengths[~keep_user].sum())
     stats["dropped"]["short_users"] = int((~keep_user).sum())
     starts, lengths = starts[keep_user], lengths[keep_user]
+    all_items = table["item_id"].to_numpy()
+    truncated = None
     if max_len is not None:
-        # keep the most recent max_len items
+        # keep the most recent max_len items; what is cut stays known as seen
         cut = np.maximum(lengths - max_len, 0)
         stats["dropped"]["truncated_rows"] = int(cut.sum())
+        truncated = distinct_per_user(all_items[_ranges(starts, cut)], cut)
         starts, lengths = starts + cut, lengths - cut
-    take = np.repeat(starts - np.r_[0, np.cumsum(lengths)[:-1]], lengths) + np.arange(lengths.sum())
+    take = _ranges(starts, lengths)
     offsets = pa.array(np.r_[0, np.cumsum(lengths)].astype(np.int32))
 
-    items = table["item_id"].to_numpy()[take]
+    items = all_items[take]
     columns = {
         "user_id": pa.array(users[starts] if len(starts) else np.array([], dtype=np.int64)),
         "item_ids": pa.ListArray.from_arrays(offsets, pa.array(items)),
     }
+    if truncated is not None:
+        columns[TRUNCATED_COLUMN] = truncated
     if "rating" in table.column_names:
         ratings = table["rating"].to_numpy(zero_copy_only=False)[take].astype(np.float32)
         columns["ratings"] = pa.ListArray.from_arrays(offsets, pa.array(ratings))
@@ -112,6 +122,24 @@ def build_histories(
     if histories.num_rows == 0:
         raise InputError(f"no user has at least {min_user_interactions} interactions after filtering: {stats['dropped']}")
     return histories, stats
+
+
+def _ranges(starts: np.ndarray, lengths: np.ndarray) -> np.ndarray:
+    """Concatenated ``arange(start, start + length)`` for each pair, without a Python loop."""
+    return np.repeat(starts - np.r_[0, np.cumsum(lengths)[:-1]], lengths) + np.arange(lengths.sum(), dtype=np.int64)
+
+
+def distinct_per_user(items: np.ndarray, lengths: np.ndarray) -> pa.ListArray:
+    """Consecutive groups of ``lengths`` items -> one list per group of its distinct items,
+    ascending (a list column of int64)."""
+    owner = np.repeat(np.arange(len(lengths)), lengths)
+    order = np.lexsort((items, owner))
+    owner, items = owner[order], items[order]
+    first = np.r_[True, (owner[1:] != owner[:-1]) | (items[1:] != items[:-1])] if len(items) else np.zeros(0, bool)
+    owner, items = owner[first], items[first]
+    counts = np.bincount(owner, minlength=len(lengths))
+    offsets = pa.array(np.r_[0, np.cumsum(counts)].astype(np.int32))
+    return pa.ListArray.from_arrays(offsets, pa.array(items.astype(np.int64), pa.int64()))
 
 
 def build_vocab(histories: pa.Table) -> pa.Table:

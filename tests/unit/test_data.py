@@ -51,6 +51,19 @@ def test_min_rating_and_truncation_keep_the_most_recent_items():
     assert stats["dropped"]["truncated_rows"] == 1
 
 
+def test_truncation_lists_the_distinct_items_cut_before_the_kept_ones():
+    t = _interactions([(1, i, ts, 5.0) for ts, i in enumerate([7, 3, 7, 9, 3, 4, 5, 6])] + [(2, 8, 1, 5.0), (2, 9, 2, 5.0), (2, 1, 3, 5.0)])
+    hist, stats = data.build_histories(data.validate_interactions(t, "t"), min_user_interactions=3, max_len=3)
+    assert hist["item_ids"].to_pylist() == [[4, 5, 6], [8, 9, 1]]
+    # user 1's cut items 7, 3, 7, 9, 3: distinct and ascending; user 2 lost nothing
+    assert hist[data.TRUNCATED_COLUMN].to_pylist() == [[3, 7, 9], []]
+    assert hist[data.TRUNCATED_COLUMN].type == pa.list_(pa.int64())
+    assert stats["dropped"]["truncated_rows"] == 5
+    # without max_len nothing is cut and the column is not written
+    hist, _ = data.build_histories(data.validate_interactions(t, "t"), min_user_interactions=3)
+    assert data.TRUNCATED_COLUMN not in hist.column_names
+
+
 def test_null_timestamps_are_dropped_and_counted():
     t = TABLE.set_column(2, "timestamp", pa.array([5, 3, 5, None, 1, 2, 9, 1], pa.int64()))
     hist, stats = data.build_histories(data.validate_interactions(t, "t"), min_user_interactions=2)
