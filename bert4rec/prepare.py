@@ -25,8 +25,8 @@ USERS_PER_FILE = 50_000
 _PARTITION = re.compile(r"dt=(\d{4}-\d{2}-\d{2})")
 DAT_FIELDS = ("user_id", "item_id", "rating", "timestamp")
 _DAT_TYPES = {"user_id": pa.int64(), "item_id": pa.int64(), "rating": pa.float64(), "timestamp": pa.int64()}
-# the id columns of a ratings.csv, in any of the spellings validate_interactions accepts
-_CSV_INT_COLUMNS = ("user_id", "item_id", *data.COLUMN_ALIASES)
+# the integer columns of a ratings.csv, in any of the spellings validate_interactions accepts
+_CSV_INT_COLUMNS = ("user_id", "item_id", "timestamp", *data.COLUMN_ALIASES)
 
 
 def read_interactions(uri: str, storage: StorageConfig | None = None, until: dt.date | None = None, timestamp_unit: str = "auto") -> pa.Table:
@@ -58,27 +58,25 @@ def read_interactions(uri: str, storage: StorageConfig | None = None, until: dt.
     return table
 
 
-def _first_bad_line(lines: list[list[str]], names: list[str], ints: set[str], first_line: int, uri: str) -> None:
-    """Raises the InputError for the first line of ``lines`` (split into fields) that has the
-    wrong number of fields or a non-integer in an ``ints`` column; returns if none has."""
-    for n, fields in enumerate(lines, start=first_line):
-        if not fields or fields == [""]:
+def _first_bad_line(lines: list[str], split, names: list[str], ints: set[str], first_line: int, uri: str) -> None:
+    """Raises the InputError for the first of ``lines`` that ``split`` cuts into the wrong
+    number of fields or that has a non-integer in an ``ints`` column; returns if none has."""
+    for n, line in enumerate(lines, start=first_line):
+        if not line.strip():
             continue
+        fields = split(line)
         if len(fields) != len(names):
-            raise InputError(f"{uri}: line {n}: expected {len(names)} fields ({', '.join(names)}), found {len(fields)}: {_shown(fields)}")
+            shown = line if len(line) <= 80 else line[:77] + "..."
+            raise InputError(f"{uri}: line {n}: expected {len(names)} fields ({', '.join(names)}), found {len(fields)}: {shown!r}")
         for name, value in zip(names, fields):
-            if name in ints and not re.fullmatch(r"\s*[-+]?\d+\s*", value):
+            # an empty field is a null, which validate_interactions reports (ids) or counts (times)
+            if name in ints and value.strip() and not re.fullmatch(r"\s*[-+]?\d+\s*", value):
                 raise InputError(f"{uri}: line {n}: {name} {value!r} is not an integer")
             if name == "rating" and value.strip():
                 try:
                     float(value)
                 except ValueError:
                     raise InputError(f"{uri}: line {n}: rating {value!r} is not a number") from None
-
-
-def _shown(fields: list[str]) -> str:
-    line = "|".join(fields)
-    return repr(line if len(line) <= 80 else line[:77] + "...")
 
 
 def read_dat(raw: bytes, uri: str) -> pa.Table:
@@ -94,8 +92,8 @@ def read_dat(raw: bytes, uri: str) -> pa.Table:
             convert_options=pacsv.ConvertOptions(column_types=_DAT_TYPES),
         )
     except pa.ArrowInvalid as e:
-        lines = [line.split("::") for line in raw.decode("utf-8", errors="replace").splitlines()]
-        _first_bad_line(lines, list(DAT_FIELDS), {"user_id", "item_id", "timestamp"}, 1, uri)
+        lines = raw.decode("utf-8", errors="replace").splitlines()
+        _first_bad_line(lines, lambda line: line.split("::"), list(DAT_FIELDS), {"user_id", "item_id", "timestamp"}, 1, uri)
         raise InputError(f"{uri}: cannot read as user::item::rating::timestamp lines: {str(e).splitlines()[0]}") from e
 
 
@@ -109,7 +107,7 @@ def read_csv(raw: bytes, uri: str) -> pa.Table:
     try:
         return pacsv.read_csv(pa.py_buffer(raw), convert_options=pacsv.ConvertOptions(column_types={c: pa.int64() for c in ints}))
     except pa.ArrowInvalid as e:
-        _first_bad_line(list(csv.reader(text[1:])), header, ints, 2, uri)
+        _first_bad_line(text[1:], lambda line: next(csv.reader([line])), header, ints, 2, uri)
         raise InputError(f"{uri}: cannot read as CSV: {str(e).splitlines()[0]}") from e
 
 
