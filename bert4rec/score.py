@@ -76,7 +76,7 @@ def featurize(
     if data.TRUNCATED_COLUMN in batch.column_names:
         tflat, toffsets = data.list_column(batch, data.TRUNCATED_COLUMN)
         ttokens, _ = data.to_tokens(tflat, vocab_ids)
-        # unknown ids map to 0, which is padding in the seen list: nothing to filter
+        # ids the model does not know (token 0) cannot be recommended: they are left out below
         earlier = np.split(ttokens, toffsets[1:-1])
     n = len(offsets) - 1
     seqs, seen, unknown = [], [], np.zeros(n, np.int64)
