@@ -7,6 +7,7 @@ the file. Validation errors name the field and what was expected.
 from __future__ import annotations
 
 import datetime as dt
+import os
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
@@ -42,7 +43,32 @@ class GenerateConfig(Strict):
 class PrepareSettings(Strict):
     min_rating: float | None = None
     min_user_interactions: int = Field(5, ge=3, description="leave-one-out needs >= 3 items")
-    max_len: int | None = Field(None, gt=1, description="keep only the most recent items of each history (default: all)")
+    max_len: int | None = Field(
+        None,
+        gt=1,
+        description="keep only the most recent items of each history (default: all); the ids cut are kept in truncated_item_ids and never recommended",
+    )
+    timestamp_unit: Literal["auto", "s", "ms", "us", "ns"] = Field(
+        "auto",
+        description="unit of integer timestamps; auto infers it per file from the magnitude (~1.7e9 s, ~1.7e12 ms, ...) "
+        "and refuses a file that mixes units. Either way a time before 1970 or from 2100 on is refused",
+    )
+
+
+def _location(uri: str) -> str:
+    """A URI as a comparable location: ``s3://bucket/key`` -> ``s3://bucket/key/``, a local
+    path -> its absolute, resolved form with a trailing slash."""
+    if uri.startswith(("s3://", "s3a://")):
+        return "s3://" + uri.split("://", 1)[1].strip("/") + "/"
+    if uri.startswith("file://"):
+        uri = uri[len("file://") :]
+    return os.path.realpath(os.path.abspath(os.path.expanduser(uri))).rstrip("/") + "/"
+
+
+def is_within(inner: str, outer: str) -> bool:
+    """Whether ``inner`` is ``outer`` or a path below it (local paths resolved, S3 keys
+    compared as prefixes at ``/`` boundaries: ``s3://b/x2`` is not within ``s3://b/x``)."""
+    return _location(inner).startswith(_location(outer))
 
 
 class PrepareConfig(PrepareSettings):
@@ -50,6 +76,16 @@ class PrepareConfig(PrepareSettings):
     out: str
     until: dt.date | None = Field(None, description="keep interactions up to and including this date (UTC)")
     storage: StorageConfig = StorageConfig()
+
+    @model_validator(mode="after")
+    def _out_apart_from_interactions(self) -> "PrepareConfig":
+        # from the next run on, prepare would read its own tables back as interactions
+        if is_within(self.out, self.interactions):
+            raise ValueError(f"out ({self.out}) is inside interactions ({self.interactions}); write the prepared data elsewhere")
+        # prepare replaces <out>/histories after reading: it would delete its own input
+        if is_within(self.interactions, self.out.rstrip("/") + "/histories"):
+            raise ValueError(f"interactions ({self.interactions}) is inside out's histories, which prepare replaces; choose another out")
+        return self
 
 
 class TrainSettings(Strict):
@@ -163,3 +199,12 @@ class NightlyConfig(Strict):
     gate: GateConfig = GateConfig()
     score: ScoreSettings = ScoreSettings()
     storage: StorageConfig = StorageConfig()
+
+    @model_validator(mode="after")
+    def _outputs_apart_from_interactions(self) -> "NightlyConfig":
+        # from the second night on, the tables written there would be read as interactions
+        for name in ("out", "work"):
+            value = getattr(self, name)
+            if value is not None and is_within(value, self.interactions):
+                raise ValueError(f"{name} ({value}) is inside interactions ({self.interactions}); keep outputs outside the interactions directory")
+        return self

@@ -15,6 +15,9 @@ import torch
 from bert4rec.io import InputError
 
 REQUIRED_COLUMNS = ("user_id", "item_id", "timestamp")
+# histories column: distinct item ids a user had before ``item_ids`` when ``max_len`` cut
+# the history; never model input, always excluded from what the user is recommended
+TRUNCATED_COLUMN = "truncated_item_ids"
 # MovieLens' ratings.csv spelling -> ours
 COLUMN_ALIASES = {"userId": "user_id", "movieId": "item_id", "itemId": "item_id"}
 
@@ -22,33 +25,40 @@ COLUMN_ALIASES = {"userId": "user_id", "movieId": "item_id", "itemId": "item_id"
 # ---------------------------------------------------------------- interactions -> histories
 
 
-def validate_interactions(table: pa.Table, source: str) -> pa.Table:
+# nanoseconds per unit: the canonical timestamp is int64 ns since 1970 UTC, which keeps the
+# order of events within a second (or a millisecond) that coarser units would turn into ties
+UNIT_NS = {"s": 10**9, "ms": 10**6, "us": 10**3, "ns": 1}
+UNIT_NAMES = {"s": "seconds", "ms": "milliseconds", "us": "microseconds", "ns": "nanoseconds"}
+# plausible event times: from 1970 up to (not including) 2100-01-01, in seconds
+LATEST_S = 4_102_444_800
+# "auto": a value below 1e11 reads as seconds (1e11 s is the year 5138; 1e11 ms is 1973),
+# below 1e14 as ms, below 1e17 as us, the rest as ns
+AUTO_BOUNDS = (1e11, 1e14, 1e17)
+DECLARE = "declare the unit with timestamp_unit: s, ms, us or ns"
+
+
+def validate_interactions(table: pa.Table, source: str, timestamp_unit: str = "auto") -> pa.Table:
     """Checks an interactions table and returns it with canonical names and types.
 
-    Columns: ``user_id``, ``item_id`` (integers, no nulls), ``timestamp`` (integer seconds or a
-    timestamp type; nulls allowed, those rows are dropped and counted), optional ``rating``.
+    Columns: ``user_id``, ``item_id`` (integers, no nulls), ``timestamp`` (integers in
+    ``timestamp_unit``, or a timestamp/date type; nulls allowed, those rows are dropped and
+    counted), optional ``rating``. The returned ``timestamp`` is int64 nanoseconds since 1970
+    UTC; "auto" infers the unit of integers from their magnitude and refuses a table that
+    mixes units. Times before 1970 or from 2100 on are refused. An empty table is returned
+    as is (an empty partition is no error; an empty input as a whole is, in ``build_histories``).
     """
-    table = table.rename_columns([COLUMN_ALIASES.get(n, n) for n in table.column_names])
+    names = [COLUMN_ALIASES.get(n, n) for n in table.column_names]
+    dup = sorted({n for n in names if names.count(n) > 1})
+    if dup:
+        raise InputError(f"{source}: column(s) {dup} appear more than once (columns: {table.column_names}); expected one each of {list(REQUIRED_COLUMNS)}")
+    table = table.rename_columns(names)
     missing = [c for c in REQUIRED_COLUMNS if c not in table.column_names]
     if missing:
         raise InputError(f"{source}: missing column(s) {missing}; expected {list(REQUIRED_COLUMNS)} (+ optional rating), found {table.column_names}")
-    if table.num_rows == 0:
-        raise InputError(f"{source}: the interactions table is empty")
     columns = {}
     for name in ("user_id", "item_id"):
-        col = table[name]
-        if not pa.types.is_integer(col.type):
-            raise InputError(f"{source}: column {name!r} must be integer, found {col.type}")
-        if col.null_count:
-            row = int(pc.index(pc.is_null(col), True).as_py())
-            raise InputError(f"{source}: column {name!r} has {col.null_count} null value(s), first at row {row}")
-        columns[name] = col.cast(pa.int64())
-    ts = table["timestamp"]
-    if pa.types.is_timestamp(ts.type) or pa.types.is_date(ts.type):
-        ts = pc.cast(pc.cast(ts, pa.timestamp("s")), pa.int64())
-    elif not pa.types.is_integer(ts.type):
-        raise InputError(f"{source}: column 'timestamp' must be integer seconds or a timestamp, found {ts.type}")
-    columns["timestamp"] = ts.cast(pa.int64())
+        columns[name] = _int64_ids(table[name], name, source)
+    columns["timestamp"] = timestamps_ns(table["timestamp"], timestamp_unit, source)
     if "rating" in table.column_names:
         r = table["rating"]
         if not (pa.types.is_integer(r.type) or pa.types.is_floating(r.type)):
@@ -57,22 +67,103 @@ def validate_interactions(table: pa.Table, source: str) -> pa.Table:
     return pa.table(columns)
 
 
+def _int64_ids(col: pa.ChunkedArray, name: str, source: str) -> pa.Array:
+    col = col.combine_chunks() if isinstance(col, pa.ChunkedArray) else col
+    if pa.types.is_floating(col.type):
+        v = col.to_numpy(zero_copy_only=False)
+        bad = np.flatnonzero(~np.isfinite(v) | (v != np.round(v)))
+        where = f"; row {int(bad[0])} is {v[bad[0]]}" if len(bad) else ""
+        raise InputError(f"{source}: column {name!r} must be integer, found {col.type}{where}")
+    if not pa.types.is_integer(col.type):
+        raise InputError(f"{source}: column {name!r} must be integer, found {col.type}")
+    if col.null_count:
+        row = int(pc.index(pc.is_null(col), True).as_py())
+        raise InputError(f"{source}: column {name!r} has {col.null_count} null value(s), first at row {row}")
+    if col.type == pa.uint64() and len(col):
+        too_big = pc.greater(col, pa.scalar(2**63 - 1, pa.uint64()))
+        if pc.any(too_big).as_py():
+            row = int(pc.index(too_big, True).as_py())
+            raise InputError(f"{source}: column {name!r} row {row} is {col[row].as_py()}, past the largest int64 id (2**63 - 1)")
+    return col.cast(pa.int64())
+
+
+def timestamps_ns(col: pa.ChunkedArray | pa.Array, unit: str, source: str) -> pa.Array:
+    """A timestamp column -> int64 ns since 1970 UTC (nulls kept). Integers are in ``unit``
+    ("auto": inferred from their magnitude, one unit per column); timestamp and date types
+    carry their own. Raises InputError naming the first implausible or mixed-unit row."""
+    col = col.combine_chunks() if isinstance(col, pa.ChunkedArray) else col
+    inferred = False
+    declarable = pa.types.is_integer(col.type)
+    if pa.types.is_timestamp(col.type):
+        unit, col = col.type.unit, col.view(pa.int64())
+    elif pa.types.is_date32(col.type):
+        # days: ns per day, expressed as a multiple of a second
+        col = pc.multiply(col.view(pa.int32()).cast(pa.int64()), 86_400)
+        unit = "s"
+    elif pa.types.is_date64(col.type):
+        unit, col = "ms", col.view(pa.int64())
+    elif pa.types.is_integer(col.type):
+        if col.type == pa.uint64() and len(col) and pc.any(pc.greater(col, pa.scalar(2**63 - 1, pa.uint64()))).as_py():
+            row = int(pc.index(pc.greater(col, pa.scalar(2**63 - 1, pa.uint64())), True).as_py())
+            raise InputError(f"{source}: column 'timestamp' row {row} is {col[row].as_py()}: not a time between 1970 and 2100 in any unit")
+        col = col.cast(pa.int64())
+    else:
+        raise InputError(f"{source}: column 'timestamp' must be integers (seconds, ms, us or ns since 1970) or a timestamp, found {col.type}")
+    valid = pc.is_valid(col).to_numpy(zero_copy_only=False)
+    v = pc.fill_null(col, 0).to_numpy(zero_copy_only=False).astype(np.int64)
+    if unit == "auto":
+        inferred = True
+        kind = np.searchsorted(np.array(AUTO_BOUNDS), v, side="right")  # 0 s, 1 ms, 2 us, 3 ns
+        present = np.bincount(kind[valid], minlength=4)
+        if (present > 0).sum() > 1:
+            major = int(np.argmax(present))
+            first = int(np.flatnonzero(valid & (kind == major))[0])
+            odd = int(np.flatnonzero(valid & (kind != major))[0])
+            u = list(UNIT_NS)
+            raise InputError(
+                f"{source}: column 'timestamp' mixes units: row {odd} is {v[odd]} ({UNIT_NAMES[u[kind[odd]]]}?) "
+                f"while most values, e.g. row {first} = {v[first]}, read as {UNIT_NAMES[u[major]]}; {DECLARE}"
+            )
+        unit = list(UNIT_NS)[int(np.argmax(present))] if valid.any() else "s"
+    per_s = 10**9 // UNIT_NS[unit]
+    bad = valid & ((v < 0) | (v >= LATEST_S * per_s))
+    if bad.any():
+        row = int(np.flatnonzero(bad)[0])
+        how = f"read as {UNIT_NAMES[unit]} (inferred from its magnitude)" if inferred else f"in {UNIT_NAMES[unit]}"
+        hint = f"; {DECLARE}" if declarable else ""
+        raise InputError(f"{source}: column 'timestamp' row {row} is {v[row]}, {how}: not a time between 1970 and 2100{hint}")
+    ns = v * UNIT_NS[unit]
+    return pa.array(ns, pa.int64(), mask=~valid)
+
+
 def build_histories(
     table: pa.Table,
     min_rating: float | None = None,
     min_user_interactions: int = 5,
     max_len: int | None = None,
+    before_ns: int | None = None,
 ) -> tuple[pa.Table, dict]:
     """Validated interactions -> one row per user: ``user_id``, ``item_ids`` (oldest first)
-    [, ``ratings``], sorted by ``user_id``. Ties in time keep their input order.
+    [, ``ratings``], sorted by ``user_id``. Ties in time keep their input order. With
+    ``max_len``, ``item_ids`` keeps the latest ``max_len`` items and ``truncated_item_ids``
+    lists the distinct ids of the items cut before them (empty when none were).
 
-    Returns the histories and counts of what was dropped and why.
+    ``before_ns``: rows at or after this time (ns, see :func:`validate_interactions`) are dropped.
+
+    Returns the histories and counts of what was dropped and why: every input row is either
+    in a history or counted in one of the ``dropped`` ``*_rows``/``*_timestamp`` entries.
     """
+    if table.num_rows == 0:
+        raise InputError("the interactions table is empty")
     stats: dict = {"input_rows": table.num_rows, "dropped": {}}
     ts_null = table["timestamp"].null_count
     if ts_null:
         table = table.filter(pc.is_valid(table["timestamp"]))
     stats["dropped"]["null_timestamp"] = ts_null
+    if before_ns is not None:
+        keep = pc.less(table["timestamp"], before_ns)
+        stats["dropped"]["after_until_rows"] = table.num_rows - pc.sum(keep).as_py() if table.num_rows else 0
+        table = table.filter(keep)
     if min_rating is not None:
         if "rating" not in table.column_names:
             raise InputError("--min-rating was given but the interactions have no 'rating' column")
@@ -91,19 +182,24 @@ def build_histories(
     stats["dropped"]["short_user_rows"] = int(lengths[~keep_user].sum())
     stats["dropped"]["short_users"] = int((~keep_user).sum())
     starts, lengths = starts[keep_user], lengths[keep_user]
+    all_items = table["item_id"].to_numpy()
+    truncated = None
     if max_len is not None:
-        # keep the most recent max_len items
+        # keep the most recent max_len items; what is cut stays known as seen
         cut = np.maximum(lengths - max_len, 0)
         stats["dropped"]["truncated_rows"] = int(cut.sum())
+        truncated = distinct_per_user(all_items[_ranges(starts, cut)], cut)
         starts, lengths = starts + cut, lengths - cut
-    take = np.repeat(starts - np.r_[0, np.cumsum(lengths)[:-1]], lengths) + np.arange(lengths.sum())
+    take = _ranges(starts, lengths)
     offsets = pa.array(np.r_[0, np.cumsum(lengths)].astype(np.int32))
 
-    items = table["item_id"].to_numpy()[take]
+    items = all_items[take]
     columns = {
         "user_id": pa.array(users[starts] if len(starts) else np.array([], dtype=np.int64)),
         "item_ids": pa.ListArray.from_arrays(offsets, pa.array(items)),
     }
+    if truncated is not None:
+        columns[TRUNCATED_COLUMN] = truncated
     if "rating" in table.column_names:
         ratings = table["rating"].to_numpy(zero_copy_only=False)[take].astype(np.float32)
         columns["ratings"] = pa.ListArray.from_arrays(offsets, pa.array(ratings))
@@ -112,6 +208,24 @@ def build_histories(
     if histories.num_rows == 0:
         raise InputError(f"no user has at least {min_user_interactions} interactions after filtering: {stats['dropped']}")
     return histories, stats
+
+
+def _ranges(starts: np.ndarray, lengths: np.ndarray) -> np.ndarray:
+    """Concatenated ``arange(start, start + length)`` for each pair, without a Python loop."""
+    return np.repeat(starts - np.r_[0, np.cumsum(lengths)[:-1]], lengths) + np.arange(lengths.sum(), dtype=np.int64)
+
+
+def distinct_per_user(items: np.ndarray, lengths: np.ndarray) -> pa.ListArray:
+    """Consecutive groups of ``lengths`` items -> one list per group of its distinct items,
+    ascending (a list column of int64)."""
+    owner = np.repeat(np.arange(len(lengths)), lengths)
+    order = np.lexsort((items, owner))
+    owner, items = owner[order], items[order]
+    first = np.r_[True, (owner[1:] != owner[:-1]) | (items[1:] != items[:-1])] if len(items) else np.zeros(0, bool)
+    owner, items = owner[first], items[first]
+    counts = np.bincount(owner, minlength=len(lengths))
+    offsets = pa.array(np.r_[0, np.cumsum(counts)].astype(np.int32))
+    return pa.ListArray.from_arrays(offsets, pa.array(items.astype(np.int64), pa.int64()))
 
 
 def build_vocab(histories: pa.Table) -> pa.Table:

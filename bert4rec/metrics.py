@@ -23,7 +23,7 @@ class EvalSet:
     tokens: np.ndarray  # (U, T) left-padded history + [MASK]
     ratings: np.ndarray | None  # (U, T) rating levels, or None
     targets: np.ndarray  # (U,) target tokens
-    seen: list[np.ndarray]  # U arrays: every token of the input history (excluded from ranking)
+    seen: list[np.ndarray]  # U arrays: every token the user had before the target (excluded from ranking)
     user_ids: np.ndarray  # (U,)
 
     def __len__(self) -> int:
@@ -41,7 +41,10 @@ def make_eval_set(
     seed: int = 0,
 ) -> EvalSet:
     """Histories -> the val or test examples of leave-one-out (users whose target is unknown to
-    the vocabulary are skipped). ``max_users`` samples users deterministically."""
+    the vocabulary are skipped). ``max_users`` samples users deterministically.
+
+    ``seen`` is the input history followed by the distinct items ``prepare --max-len`` cut
+    before it (``truncated_item_ids``, when present), never repeating the target there."""
     if max_users is not None and histories.num_rows > max_users:
         rows = np.sort(np.random.default_rng(seed).choice(histories.num_rows, max_users, replace=False))
         histories = histories.take(pa.array(rows))
@@ -59,11 +62,18 @@ def make_eval_set(
         rin, _ = data.loo_examples([lv[offsets[i] : offsets[i + 1]] for i in range(len(offsets) - 1)], split)
         levels = data.inference_ratings([rin[i][m] for i, m in zip(keep, known)], max_len)
     inputs = [inputs[i][m] for i, m in zip(keep, known)]
+    seen = inputs
+    if data.TRUNCATED_COLUMN in histories.column_names:
+        # cut items are all older than the kept ones, so older than either split's target
+        tflat, toffsets = data.list_column(histories, data.TRUNCATED_COLUMN)
+        ttokens, _ = data.to_tokens(tflat, vocab_ids)
+        earlier = [ttokens[toffsets[i] : toffsets[i + 1]] for i in keep]
+        seen = [np.r_[s, e[(e > 0) & (e != t)]] for s, e, t in zip(inputs, earlier, targets[keep])]
     return EvalSet(
         tokens=data.inference_tokens(inputs, max_len, mask_token),
         ratings=levels,
         targets=targets[keep],
-        seen=inputs,
+        seen=seen,
         user_ids=histories["user_id"].to_numpy()[keep],
     )
 

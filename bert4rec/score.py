@@ -67,10 +67,17 @@ def featurize(
     Returns columns ``user_id``, ``tokens`` (fixed-size lists of max_len), ``ratings`` (the
     same, when used), ``seen`` (list: every known token of the history plus the user's own
     excluded tokens) and ``unknown`` (the count of dropped ids).
-    ``exclude_users``/``exclude_tokens``: per-user exclusions sorted by user.
+    ``exclude_users``/``exclude_tokens``: per-user exclusions sorted by user. Items that
+    ``prepare --max-len`` cut from a history (``truncated_item_ids``, when present) are seen too.
     """
     flat, offsets = data.list_column(batch, "item_ids")
     tokens, known = data.to_tokens(flat, vocab_ids)
+    earlier = None
+    if data.TRUNCATED_COLUMN in batch.column_names:
+        tflat, toffsets = data.list_column(batch, data.TRUNCATED_COLUMN)
+        ttokens, _ = data.to_tokens(tflat, vocab_ids)
+        # ids the model does not know (token 0) cannot be recommended: they are left out below
+        earlier = np.split(ttokens, toffsets[1:-1])
     n = len(offsets) - 1
     seqs, seen, unknown = [], [], np.zeros(n, np.int64)
     levels = None
@@ -91,7 +98,7 @@ def featurize(
         if exclude_users is not None and len(exclude_users):
             lo, hi = np.searchsorted(exclude_users, users[i], "left"), np.searchsorted(exclude_users, users[i], "right")
             extra = exclude_tokens[lo:hi]
-        seen.append(np.r_[s, extra])
+        seen.append(np.r_[s, extra] if earlier is None else np.r_[s, extra, earlier[i][earlier[i] > 0]])
     # a list column, not a padded array: widths differ between batches
     seen_offsets = pa.array(np.r_[0, np.cumsum([len(x) for x in seen])].astype(np.int32))
     seen_values = pa.array(np.concatenate(seen) if seen else np.zeros(0, np.int64), pa.int64())
@@ -373,6 +380,8 @@ def _score_and_publish(cfg, loaded, users, has_ratings, global_exclude, ex_users
     generated_at = dt.datetime.now(dt.timezone.utc).replace(microsecond=0)
     hist_fs, hist_path = arrow_filesystem(cfg.histories, cfg.storage)
     columns = ["user_id", "item_ids"] + (["ratings"] if has_ratings and mc.use_ratings else [])
+    if data.TRUNCATED_COLUMN in parquet_schema(cfg.histories, cfg.storage).names:
+        columns.append(data.TRUNCATED_COLUMN)
     t1 = time.time()
     ds = ray.data.read_parquet(hist_path, filesystem=hist_fs, file_extensions=["parquet"]).select_columns(columns)
     # The reader packs whole files into blocks of up to 128 MiB (all of a small table in one).

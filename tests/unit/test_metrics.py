@@ -94,3 +94,18 @@ def test_model_ranks_in_length_order_equal_the_untrimmed_ranks_in_input_order():
     nobody = EvalSet(tokens=tokens[:0], ratings=None, targets=e.targets[:0], seen=[], user_ids=e.user_ids[:0])
     full, sampled = model_ranks(model, nobody, batch_size=2, negatives=negatives[:0])
     assert full.tolist() == [] and sampled.tolist() == []
+
+
+def test_eval_set_excludes_the_items_cut_by_prepare_but_never_the_target():
+    # user 1 had 50 and 60 cut, and 40 (its test target); 99 is unknown to the vocabulary
+    hist = HIST.slice(0, 1).append_column("truncated_item_ids", pa.array([[40, 50, 60, 99]], pa.list_(pa.int64())))
+    e = make_eval_set(hist, VOCAB, "test", max_len=4, mask_token=7)
+    assert e.targets.tolist() == [4]
+    assert [s.tolist() for s in e.seen] == [[1, 2, 3, 5, 6]]
+    assert e.tokens.tolist() == [[1, 2, 3, 7]]
+    e = make_eval_set(hist, VOCAB, "val", max_len=4, mask_token=7)
+    assert e.targets.tolist() == [3]
+    assert [s.tolist() for s in e.seen] == [[1, 2, 4, 5, 6]]
+    full, _ = popularity_ranks(np.array([0, 1, 1, 1, 9, 9, 9, 0]), e)
+    # 4, 5, 6 outscore the target but were seen before it: the target ranks first
+    assert full.tolist() == [1]

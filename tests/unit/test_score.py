@@ -235,6 +235,33 @@ def test_featurize_ratings_follow_the_known_items():
     assert "ratings" not in featurize(batch, VOCAB_IDS, MAX_LEN, MASK, use_ratings=False).column_names
 
 
+def test_featurize_excludes_the_items_prepare_cut_from_a_long_history():
+    """A 300-item history cut to its latest 200 by prepare: none of the 300 comes back."""
+    rows = [(1, item, ts) for ts, item in enumerate(range(1, 301))]
+    rows += [(2, item, ts) for ts, item in enumerate(range(320, 0, -1))]  # keeps 200..1
+    rows += [(3, item, ts) for ts, item in enumerate(range(301, 321))]
+    cols = list(zip(*rows))
+    table = pa.table({"user_id": pa.array(cols[0], pa.int64()), "item_id": pa.array(cols[1], pa.int64()), "timestamp": pa.array(cols[2], pa.int64())})
+    hist, _ = data.build_histories(data.validate_interactions(table, "t"), max_len=200)
+    vocab_ids = data.build_vocab(hist)["item_id"].to_numpy()
+    assert vocab_ids.tolist() == list(range(1, 321))
+    assert hist["item_ids"].to_pylist()[0] == list(range(101, 301))
+    model = random_model(num_items=320, max_len=8)
+    feats = featurize(hist, vocab_ids, 8, model.config.mask_token, use_ratings=False)
+    seen_flat, seen_offsets = data.list_column(feats, "seen")
+    seen = torch.as_tensor(data.pad_seen(np.split(seen_flat, seen_offsets[1:-1])))
+    _, top, _ = score_batch(model, torch.as_tensor(np.array(feats["tokens"].to_pylist())), seen, k=25)
+    # user 1 has seen 1..300: only 301..320 are left, then empty slots
+    assert sorted(vocab_ids[t - 1] for t in top[0].tolist() if t) == list(range(301, 321))
+    assert top[0].tolist().count(0) == 5
+    # without the cut items' column the exclusion misses them: this test would see them
+    feats = featurize(hist.drop_columns([data.TRUNCATED_COLUMN]), vocab_ids, 8, model.config.mask_token, use_ratings=False)
+    seen_flat, seen_offsets = data.list_column(feats, "seen")
+    seen = torch.as_tensor(data.pad_seen(np.split(seen_flat, seen_offsets[1:-1])))
+    _, top, _ = score_batch(model, torch.as_tensor(np.array(feats["tokens"].to_pylist())), seen, k=25)
+    assert any(vocab_ids[t - 1] <= 100 for t in top[0].tolist())
+
+
 # ---------------------------------------------------------------- the Scorer, in-process
 
 
