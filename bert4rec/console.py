@@ -67,6 +67,8 @@ def quiet_ray_data(verbose: bool) -> None:
     ctx = DataContext.get_current()
     ctx.enable_progress_bars = verbose
     ctx.print_on_execution_start = verbose
+    # Ray Data sets its loggers' levels when it is imported, after setup_logging ran
+    logging.getLogger("ray.data").setLevel(logging.NOTSET if verbose else logging.WARNING)
 
 
 # ---------------------------------------------------------------------------------------
