@@ -10,65 +10,141 @@ check), also one line on stderr.
 from __future__ import annotations
 
 import argparse
+import collections
+import dataclasses
+import datetime as dt
 import json
 import logging
 import os
 import sys
+import types
+import typing
 from typing import Any
 
 import yaml
 from pydantic import BaseModel, ValidationError
 
-from bert4rec import config as C
-from bert4rec.io import InputError
+from bert4rec import console
 
-STORAGE_FLAGS = [("--s3-endpoint-url", "storage.endpoint_url", str), ("--s3-region", "storage.region", str)]
+# bert4rec.io, bert4rec.config and what runs the commands are imported where they are used:
+# they pull in torch (through the model config), and `bert4rec --help` should answer at once.
 
-
-def _flags(p: argparse.ArgumentParser, flags: list[tuple]) -> None:
-    for flag, dest, typ, *help_ in flags:
-        if typ is bool:
-            p.add_argument(flag, dest=dest, action="store_const", const=True, default=argparse.SUPPRESS, help=help_[0] if help_ else None)
-        else:
-            p.add_argument(flag, dest=dest, type=typ, default=argparse.SUPPRESS, help=help_[0] if help_ else None)
-
-
-COMMANDS: dict[str, tuple[type[BaseModel], list[tuple], str]] = {
-    "generate": (C.GenerateConfig, [("--out", "out", str), ("--users", "users", int), ("--items", "items", int), ("--seed", "seed", int), ("--mean-length", "mean_length", int)], "write a synthetic interactions table"),
-    "prepare": (
-        C.PrepareConfig,
-        [("--interactions", "interactions", str), ("--out", "out", str), ("--min-rating", "min_rating", float), ("--min-user-interactions", "min_user_interactions", int), ("--max-len", "max_len", int), ("--until", "until", str)],
-        "interactions -> histories, vocabulary, stats",
-    ),
-    "train": (
-        C.TrainConfig,
-        [
-            ("--data", "data", str), ("--out", "out", str), ("--epochs", "epochs", int), ("--workers", "workers", int), ("--gpu", "gpu", bool),
-            ("--batch-size", "batch_size", int), ("--lr", "lr", float), ("--seed", "seed", int), ("--init-from", "init_from", str),
-            ("--cpus-per-worker", "cpus_per_worker", float), ("--patience", "patience", int),
-            ("--max-len", "model.max_len", int), ("--hidden", "model.hidden", int), ("--layers", "model.layers", int), ("--heads", "model.heads", int), ("--dropout", "model.dropout", float),
-        ],
-        "train BERT4Rec with Ray Train",
-    ),
-    "evaluate": (C.EvaluateConfig, [("--checkpoint", "checkpoint", str), ("--data", "data", str), ("--k", "k", int), ("--split", "split", str)], "leave-one-out metrics vs popularity"),
-    "score": (
-        C.ScoreConfig,
-        [
-            ("--checkpoint", "checkpoint", str), ("--histories", "histories", str), ("--out", "out", str), ("--k", "k", int), ("--batch-size", "batch_size", int),
-            ("--actors", "actors", int), ("--cpus-per-actor", "cpus_per_actor", float), ("--threads-per-actor", "threads_per_actor", int),
-            ("--gpu", "gpu", bool), ("--exclude", "exclude", str), ("--items", "items", str), ("--item-chunk-size", "item_chunk_size", int),
-        ],
-        "publish the top-k table of every user",
-    ),
-    "nightly": (
-        C.NightlyConfig,
-        [
-            ("--date", "date", str, "run date YYYY-MM-DD (UTC); default today"), ("--interactions", "interactions", str), ("--out", "out", str),
-            ("--epochs", "train.epochs", int), ("--workers", "train.workers", int), ("--gpu", "train.gpu", bool),
-        ],
-        "the nightly flow: prepare, train, gate, evaluate, score, publish, report",
-    ),
+# (config class in bert4rec.config, one-line help); the configs are imported only for the
+# command being run
+COMMANDS: dict[str, tuple[str, str]] = {
+    "generate": ("GenerateConfig", "write a synthetic interactions table"),
+    "prepare": ("PrepareConfig", "interactions -> histories, vocabulary, stats"),
+    "train": ("TrainConfig", "train BERT4Rec with Ray Train"),
+    "evaluate": ("EvaluateConfig", "leave-one-out metrics vs popularity"),
+    "score": ("ScoreConfig", "publish the top-k table of every user"),
+    "nightly": ("NightlyConfig", "the nightly flow: prepare, train, gate, evaluate, score, publish, report"),
 }
+
+# S3 settings keep the spelling the README has always used (--s3-endpoint-url, --s3-region)
+# next to their dotted one (--storage.endpoint-url).
+STORAGE_PREFIX = "s3-"
+
+
+@dataclasses.dataclass(frozen=True)
+class Flag:
+    """One command-line flag generated from one config field."""
+
+    dest: str  # dotted path into the config, e.g. "model.hidden"
+    options: tuple[str, ...]  # e.g. ("--model.hidden", "--hidden")
+    kind: str  # "bool", "int", "float", "str", "date" or "choice"
+    optional: bool  # accepts "none" for None
+    choices: tuple | None
+    help: str
+
+
+def _leaf_type(annotation) -> tuple[str, bool, tuple | None]:
+    """A field's annotation -> (kind, optional, choices)."""
+    optional = False
+    args = typing.get_args(annotation)
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType) and type(None) in args:
+        optional = True
+        (annotation,) = [a for a in args if a is not type(None)]
+    if typing.get_origin(annotation) is typing.Literal:
+        return "choice", optional, typing.get_args(annotation)
+    kinds = {bool: "bool", int: "int", float: "float", str: "str", dt.date: "date"}
+    if annotation not in kinds:
+        raise TypeError(f"no flag type for {annotation!r}")
+    return kinds[annotation], optional, None
+
+
+def _is_model(annotation) -> bool:
+    return isinstance(annotation, type) and issubclass(annotation, BaseModel)
+
+
+def _leaves(model: type[BaseModel], prefix: str = "") -> list[tuple[str, Any]]:
+    out = []
+    for name, field in model.model_fields.items():
+        if _is_model(field.annotation):
+            out += _leaves(field.annotation, f"{prefix}{name}.")
+        else:
+            out.append((f"{prefix}{name}", field))
+    return out
+
+
+def _help(field) -> str:
+    text = field.description or ""
+    if field.is_required():
+        text += " (required)"
+    else:
+        text += f" (default: {field.get_default(call_default_factory=True)})"
+    return text.strip().replace("%", "%%")
+
+
+def config_flags(model: type[BaseModel]) -> list[Flag]:
+    """Every leaf field of ``model`` as a flag: ``min_rating`` -> ``--min-rating``, nested
+    ``model.hidden`` -> ``--model.hidden``. A nested field whose name occurs once in the whole
+    config (and not at the top) also gets its short name (``--hidden``, nightly's ``--epochs``);
+    storage fields get ``--s3-<name>``."""
+    leaves = _leaves(model)
+    top = {d for d, _ in leaves if "." not in d}
+    nested = collections.Counter(d.rsplit(".", 1)[1] for d, _ in leaves if "." in d and not d.startswith("storage."))
+    flags = []
+    for dest, field in leaves:
+        *parents, name = dest.split(".")
+        options = ["--" + ".".join([*parents, name.replace("_", "-")])]
+        if parents == ["storage"]:
+            options.append("--" + STORAGE_PREFIX + name.replace("_", "-"))
+        elif parents and nested[name] == 1 and name not in top:
+            options.append("--" + name.replace("_", "-"))
+        kind, optional, choices = _leaf_type(field.annotation)
+        flags.append(Flag(dest, tuple(options), kind, optional, choices, _help(field)))
+    return flags
+
+
+def _converter(flag: Flag):
+    base = {"int": int, "float": float}.get(flag.kind, str)
+
+    def convert(text: str):
+        if flag.optional and text.lower() in ("none", "null"):
+            return None
+        return base(text)
+
+    convert.__name__ = flag.kind  # argparse names it in "invalid int value: 'x'"
+    return convert
+
+
+def _add_flags(p: argparse.ArgumentParser, flags: list[Flag]) -> None:
+    for f in flags:
+        if f.kind == "bool":
+            p.add_argument(*f.options, dest=f.dest, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS, help=f.help)
+            continue
+        metavar = "{" + ",".join(map(str, f.choices)) + "}" if f.choices else f.kind.upper()
+        if f.optional:
+            metavar += "|none"
+        choices = (*f.choices, *((None,) if f.optional else ())) if f.choices else None
+        p.add_argument(*f.options, dest=f.dest, type=_converter(f), choices=choices, metavar=metavar, default=argparse.SUPPRESS, help=f.help)
+
+
+def config_model(command: str) -> type[BaseModel]:
+    """The pydantic config class of ``command``."""
+    from bert4rec import config as C
+
+    return getattr(C, COMMANDS[command][0])
 
 
 def _nest(flat: dict[str, Any]) -> dict[str, Any]:
@@ -100,6 +176,8 @@ def format_validation_error(e: ValidationError, source: str) -> str:
 
 def load_config(model: type[BaseModel], path: str | None, overrides: dict[str, Any]) -> BaseModel:
     """YAML file (optional) + flag overrides -> a validated config; raises InputError."""
+    from bert4rec.io import InputError
+
     base: dict = {}
     if path:
         try:
@@ -117,7 +195,7 @@ def load_config(model: type[BaseModel], path: str | None, overrides: dict[str, A
         raise InputError(format_validation_error(e, f"config{' ' + path if path else ''}")) from None
 
 
-def _run(command: str, cfg: BaseModel) -> dict:
+def _run(command: str, cfg: BaseModel, verbose: bool) -> dict:
     # imported lazily: `bert4rec --help` and config errors stay instant
     if command == "generate":
         from bert4rec.synthetic import generate
@@ -131,7 +209,7 @@ def _run(command: str, cfg: BaseModel) -> dict:
         from bert4rec.evaluate import evaluate
 
         return evaluate(cfg)
-    init_ray()
+    init_ray(verbose)
     if command == "train":
         from bert4rec.train import train
 
@@ -147,55 +225,78 @@ def _run(command: str, cfg: BaseModel) -> dict:
     raise AssertionError(command)
 
 
-def init_ray() -> None:
+def init_ray(verbose: bool = False) -> None:
     """Joins the cluster this process runs in (a Ray job, ``RAY_ADDRESS``), else starts a
-    local one."""
+    local one; Ray's own console output is quiet unless ``verbose``."""
     import ray
 
     if not ray.is_initialized():
-        ray.init(address=os.environ.get("RAY_ADDRESS"), log_to_driver=True, logging_level=logging.WARNING)
+        ray.init(address=os.environ.get("RAY_ADDRESS"), **console.ray_init_kwargs(verbose))
+    console.quiet_ray_data(verbose)
+    console.start()
 
 
-def build_parser(extra: dict[str, tuple[type[BaseModel], list[tuple], str]] | None = None) -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="bert4rec", description="BERT4Rec with Ray: generate, prepare, train, evaluate, score, nightly")
-    sub = parser.add_subparsers(dest="command", required=True)
-    for name, (_, flags, help_) in {**COMMANDS, **(extra or {})}.items():
-        p = sub.add_parser(name, help=help_)
-        p.add_argument("--config", dest="_config", default=None, help="YAML file whose keys mirror the flags")
-        _flags(p, flags + STORAGE_FLAGS)
+class _Parser(argparse.ArgumentParser):
+    # one line, like a config error, instead of argparse's usage block
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The ``bert4rec`` parser; only ``command``'s flags are generated (``"*"``: every
+    command's), so that ``bert4rec --help`` does not import the configs."""
+    parser = _Parser(prog="bert4rec", description="BERT4Rec with Ray: generate, prepare, train, evaluate, score, nightly", allow_abbrev=False)
+    verbose = dict(action="store_true", dest="_verbose", help="show Ray's own console output and print a failed run's traceback")
+    parser.add_argument("--verbose", "-v", **verbose)
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    for name, (_, help_) in COMMANDS.items():
+        p = sub.add_parser(name, help=help_, description=help_, allow_abbrev=False)
+        if command in (name, "*"):
+            p.add_argument("--config", dest="_config", metavar="FILE.yaml", default=None, help="YAML file whose keys mirror the flags (flags override it)")
+            p.add_argument("--verbose", "-v", **{**verbose, "default": argparse.SUPPRESS})
+            _add_flags(p, config_flags(config_model(name)))
     return parser
 
 
+def _command_of(argv: list[str]) -> str | None:
+    return next((a for a in argv if not a.startswith("-")), None)
+
+
 def main(argv: list[str] | None = None) -> int:
-    commands = COMMANDS
-    args = vars(build_parser().parse_args(argv))
-    command, config_path = args.pop("command"), args.pop("_config")
-    model = commands[command][0]
-    try:
-        cfg = load_config(model, config_path, args)
-        result = _run(command, cfg)
-    except InputError as e:
-        print(f"bert4rec {command}: error: {e}", file=sys.stderr)
-        return 2
-    except Exception as e:  # a failed run still gets a one-line reason; the traceback went to the log
-        logging.getLogger("bert4rec").debug("run failed", exc_info=True)
-        print(f"bert4rec {command}: failed: {type(e).__name__}: {_root_cause(e)}", file=sys.stderr)
-        return 1
-    print(json.dumps(result, indent=2, default=str))
-    return 0
+    """``bert4rec <command> [flags]``; returns the exit code."""
+    return _main(sys.argv[1:] if argv is None else argv, job=False)
 
 
 def run_job(command: str, argv: list[str]) -> int:
-    """What ``jobs/<command>.py`` runs: ``bert4rec <command> <argv>`` with the flow's stage
-    messages (e.g. "scoring N users") in the job's log."""
-    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    logging.getLogger("bert4rec").setLevel(logging.INFO)
-    return main([command, *argv])
+    """What ``jobs/<command>.py`` runs: ``bert4rec <command> <argv>``. The driver's stderr is
+    the job's log: the flow's stage messages go there, and a failed run's traceback follows
+    its one-line summary."""
+    return _main([command, *argv], job=True)
 
 
-def _root_cause(e: BaseException) -> str:
-    msg = str(e).strip().splitlines()
-    return msg[-1] if msg else repr(e)
+def _main(argv: list[str], job: bool) -> int:
+    args = vars(build_parser(_command_of(argv)).parse_args(argv))
+    command, config_path, verbose = args.pop("command"), args.pop("_config"), args.pop("_verbose")
+    console.setup_logging(verbose)
+    from bert4rec.io import InputError
+
+    try:
+        cfg = load_config(config_model(command), config_path, args)
+        result = _run(command, cfg, verbose)
+    except InputError as e:
+        print(f"bert4rec {command}: error: {e}", file=sys.stderr)
+        return 2
+    except Exception as e:
+        if job or verbose:
+            print(console.failure_line(command, e), file=sys.stderr, flush=True)
+            logging.getLogger("bert4rec").error("traceback of the failed run", exc_info=e)
+        else:
+            print(console.failure_line(command, e, console.write_traceback(command, e)), file=sys.stderr)
+        return 1
+    finally:
+        console.stop()
+    print(json.dumps(result, indent=2, default=str))
+    return 0
 
 
 if __name__ == "__main__":

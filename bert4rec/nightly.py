@@ -26,14 +26,14 @@ import logging
 import os
 import signal
 import socket
-import time
 import uuid
 
 from bert4rec import checkpoint as ckpt_lib
 from bert4rec import publish
 from bert4rec.config import EvaluateConfig, NightlyConfig, PrepareConfig, ScoreConfig, TrainConfig
+from bert4rec.console import stage
 from bert4rec.io import join
-from bert4rec.report import write_report
+from bert4rec.report import format_timings, operations_report, write_report
 
 log = logging.getLogger(__name__)
 
@@ -97,10 +97,9 @@ def _run(cfg: NightlyConfig, date: dt.date, part: str, table_uri: str, work: str
     timings: dict[str, float] = {}
     previous = previous_model(cfg.out, cfg.storage)
 
-    t = time.time()
     prepared_uri = join(work, "prepared")
-    prepared = prepare(PrepareConfig(interactions=cfg.interactions, out=prepared_uri, until=date, storage=cfg.storage, **cfg.prepare.model_dump()))
-    timings["prepare_s"] = time.time() - t
+    with stage("prepare", timings):
+        prepared = prepare(PrepareConfig(interactions=cfg.interactions, out=prepared_uri, until=date, storage=cfg.storage, **cfg.prepare.model_dump()))
 
     init_from, warm = None, "never"
     if cfg.warm_start == "auto" and previous and previous.get("checkpoint"):
@@ -115,16 +114,14 @@ def _run(cfg: NightlyConfig, date: dt.date, part: str, table_uri: str, work: str
     elif cfg.warm_start == "auto":
         warm = "from scratch: no published model yet"
 
-    t = time.time()
     train_out = join(work, "train")
-    summary = train(TrainConfig(data=prepared_uri, out=train_out, init_from=init_from, storage=cfg.storage, **cfg.train.model_dump()))
-    timings["train_s"] = time.time() - t
+    with stage("train", timings):
+        summary = train(TrainConfig(data=prepared_uri, out=train_out, init_from=init_from, storage=cfg.storage, **cfg.train.model_dump()))
 
     new_ndcg = summary["best_metrics"]["val_ndcg@10"]
     prev_ndcg = (previous or {}).get("val_ndcg@10")
-    t = time.time()
-    test = evaluate(EvaluateConfig(checkpoint=summary["best_checkpoint"], data=prepared_uri, storage=cfg.storage))
-    timings["evaluate_s"] = time.time() - t
+    with stage("evaluate", timings):
+        test = evaluate(EvaluateConfig(checkpoint=summary["best_checkpoint"], data=prepared_uri, storage=cfg.storage))
     report = {
         "date": date.isoformat(),
         "status": "running",
@@ -137,32 +134,37 @@ def _run(cfg: NightlyConfig, date: dt.date, part: str, table_uri: str, work: str
         "timings": timings,
     }
 
-    reason = gate(new_ndcg, prev_ndcg, cfg.gate.min_ndcg, cfg.gate.max_drop)
-    if reason:
-        report["status"] = f"gate failed: {reason}"
-        # kept with the run's work files, never next to a published table
-        write_report(report, join(work, "_report"), cfg.storage)
-        raise GateFailed(f"{part}: {reason}; nothing published, latest unchanged")
+    with stage("gate", timings):
+        reason = gate(new_ndcg, prev_ndcg, cfg.gate.min_ndcg, cfg.gate.max_drop)
+        if reason:
+            report["status"] = f"gate failed: {reason}"
+            # kept with the run's work files, never next to a published table
+            write_report(report, join(work, "_report"), cfg.storage)
+            raise GateFailed(f"{part}: {reason}; nothing published, latest unchanged")
 
     # operators (and the job tests) watch for this line: from here on, a stopped run is a
     # run killed while scoring
     log.info("%s: scoring %d users with model %s into %s", part, prepared["users"], summary["model_version"], table_uri)
-    t = time.time()
-    scored = score(
-        ScoreConfig(
-            checkpoint=summary["best_checkpoint"],
-            histories=join(prepared_uri, "histories"),
-            out=table_uri,
-            storage=cfg.storage,
-            **cfg.score.model_dump(),
-        ),
-        manifest_extra={"date": date.isoformat(), "val_ndcg@10": new_ndcg, "test_ndcg@10": test["ndcg@10"]},
-    )
-    timings["score_s"] = time.time() - t
+    with stage("score", timings):
+        scored = score(
+            ScoreConfig(
+                checkpoint=summary["best_checkpoint"],
+                histories=join(prepared_uri, "histories"),
+                out=table_uri,
+                storage=cfg.storage,
+                **cfg.score.model_dump(),
+            ),
+            manifest_extra={"date": date.isoformat(), "val_ndcg@10": new_ndcg, "test_ndcg@10": test["ndcg@10"]},
+        )
     report["status"] = "published"
     report["table"] = {"path": part, **{k: scored[k] for k in ("rows", "input_users", "fallback_users", "unknown_items", "run_id", "model_version")}}
-    write_report(report, join(table_uri, "_report"), cfg.storage)
-    # the commit point of the night: consumers follow latest
-    publish.write_latest(cfg.out, part, cfg.storage)
+    with stage("report", timings):
+        prev_path = previous["path"] if previous else None
+        report["operations"] = operations_report(cfg.out, part, prev_path, prepared["items"], report["table"], new_ndcg, cfg.storage)
+        write_report(report, join(table_uri, "_report"), cfg.storage)
+    with stage("publish", timings):
+        # the commit point of the night: consumers follow latest
+        publish.write_latest(cfg.out, part, cfg.storage)
+    log.info("%s: published; stage timings: %s", part, format_timings(timings))
     return report
 

@@ -28,6 +28,7 @@ import pyarrow.compute as pc
 import torch
 
 from bert4rec import checkpoint as ckpt_lib
+from bert4rec import console
 from bert4rec import data, publish
 from bert4rec.config import ScoreConfig, StorageConfig
 from bert4rec.io import InputError, arrow_filesystem, filesystem, join, parquet_schema, read_parquet
@@ -233,6 +234,7 @@ class Scorer:
         self.k, self.item_chunk_size, self.titles, self.generated_at = k, item_chunk_size, titles, generated_at
         self.autocast_dtype = torch.bfloat16 if use_gpu else None
         self.fail_on_batch, self.fail_marker, self.batches = fail_on_batch, fail_marker, 0
+        self.board = console.board()  # the driver's progress counter, when it has one
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         self.batches += 1
@@ -258,6 +260,8 @@ class Scorer:
         user_id = batch["user_id"].to_numpy()
         rows = to_rows(user_id, values.float().cpu().numpy(), top.cpu().numpy(), fallback.cpu().numpy(), self.vocab_ids, self.model_version, self.generated_at, self.titles)
         _release_freed_memory()
+        if self.board is not None:
+            self.board.add.remote(len(user_id))
         return rows.append_column("unknown_items", batch["unknown"])
 
 
@@ -429,7 +433,8 @@ def _score_and_publish(cfg, loaded, users, has_ratings, global_exclude, ex_users
     )
     out_fs, staging_path = arrow_filesystem(staging, cfg.storage)
     # scoring runs in blocks of batch_size users; consumers would rather read few large files
-    ds.write_parquet(staging_path, filesystem=out_fs, min_rows_per_file=cfg.rows_per_file)
+    with console.progress("scoring", len(users)):
+        ds.write_parquet(staging_path, filesystem=out_fs, min_rows_per_file=cfg.rows_per_file)
     timings["score_s"] = time.time() - t1
 
     t2 = time.time()

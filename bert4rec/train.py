@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import math
-import sys
 import tempfile
 import time
 
@@ -24,6 +23,7 @@ import pyarrow.parquet as pq
 import torch
 
 from bert4rec import checkpoint as ckpt_lib
+from bert4rec import console
 from bert4rec import data
 from bert4rec.config import TrainConfig
 from bert4rec.io import InputError, arrow_filesystem, filesystem, join, parquet_files, read_json, read_parquet, write_json
@@ -241,15 +241,12 @@ def train_loop_per_worker(loop_config: dict) -> None:
         history = history + [metrics]
         run_s = totals[6].item() / world  # training time so far, all-reduced: the same on every rank
         if rank == 0:
-            # one progress line per epoch, which Ray forwards to the driver's console. Written to
-            # the process's own stdout: Ray Train routes a plain print() both through its logger
-            # and to the stream, and the driver would show every line twice
-            print(
+            # one progress line per epoch on the driver's console (workers' own output stays in
+            # Ray's log files unless --verbose)
+            console.say(
                 f"epoch {epoch}/{cfg.epochs}: loss {metrics['loss']:.4f}  val ndcg@10 {metrics['val_ndcg@10']:.4f}  "
                 f"hr@10 {metrics['val_hr@10']:.4f}  lr {metrics['lr']:.2e}  {metrics['epoch_s']:.1f}s "
-                f"({run_s:.0f}s since start)",
-                file=sys.__stdout__ or sys.stdout,
-                flush=True,
+                f"({run_s:.0f}s since start)"
             )
         with tempfile.TemporaryDirectory() as tmp:
             checkpoint = None

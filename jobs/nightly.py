@@ -9,8 +9,11 @@ On the cluster (from the repository root; ``ray dashboard cluster.yaml`` forward
 
     python jobs/nightly.py --config configs/nightly.yaml [--date 2026-11-24]
 
-The flags are ``bert4rec nightly``'s (``--date``, ``--interactions``, ``--out``, ``--epochs``,
-``--workers``, ``--gpu``, ``--s3-endpoint-url``, ``--s3-region``) and override the file.
+The flags are ``bert4rec nightly``'s, one per config field (``--date``, ``--interactions``,
+``--out``, ``--train.epochs`` or ``--epochs``, ``--train.gpu``, ``--score.gpu``,
+``--gate.min-ndcg``, ``--s3-endpoint-url``, ...; ``--help`` lists them) and override the
+file; ``--verbose`` shows Ray's own output. A failed run prints one line naming its stage,
+then its traceback.
 Exit codes: 0 published, 1 a failed run (e.g. the quality gate; nothing published), 2 bad
 input or config. ``ray job stop`` sends SIGTERM: the run releases its lock and leaves every
 published table and ``latest`` as they were.

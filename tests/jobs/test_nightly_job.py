@@ -277,7 +277,7 @@ def test_a_model_below_the_quality_gate_is_not_published(ray_head, data, night1,
     info = ray_head.info(sid)
     assert result.returncode == 1 and info["status"] == "FAILED", job_failure(sid, result, ray_head)
     # one line with the figures, in the job's log and in its status message
-    figures = rf"bert4rec nightly: failed: GateFailed: dt={DAY3}: validation NDCG@10 0\.\d{{4}} is below the floor 0\.9900; nothing published, latest unchanged"
+    figures = rf"bert4rec nightly: failed in stage gate: GateFailed: dt={DAY3}: validation NDCG@10 0\.\d{{4}} is below the floor 0\.9900; nothing published, latest unchanged"
     assert re.search(figures, ray_head.logs(sid)), ray_head.logs(sid)[-4000:]
     assert re.search(figures, info["message"] or ""), info["message"]
 
