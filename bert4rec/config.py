@@ -158,6 +158,12 @@ class NightlyConfig(Strict):
     work: str | None = Field(None, description="prepared data and training runs; default <out>/_work")
     warm_start: Literal["auto", "never"] = Field("auto", description="auto: from the last published model when its architecture matches")
     lock_stale_after_s: float = Field(6 * 3600, gt=0)
+    keep_nights: int = Field(
+        3,
+        ge=1,
+        description="after a successful night, keep the work dirs (<work>/dt=*: prepared data, checkpoints) of the "
+        "newest this many nights and delete older ones; the night whose model latest serves is always kept",
+    )
     prepare: PrepareSettings = PrepareSettings()
     train: TrainSettings = TrainSettings()
     gate: GateConfig = GateConfig()
