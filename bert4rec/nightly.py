@@ -114,13 +114,15 @@ def nightly(cfg: NightlyConfig) -> dict:
         moved, pointer = advance_latest(root, part, owner)
         report["latest"] = latest_status(moved, pointer, part)
         log.info("%s: latest %s", part, report["latest"])
-        report["pruned_work"] = _prune(cfg, root, work_root, part)
+        report["pruned_work"] = prune_after_night(root, work_root, part, cfg.keep_nights)
     return report
 
 
-def _prune(cfg: NightlyConfig, root: Location, work_root: Location, part: str) -> list[str]:
-    """Deletes old ``_work/dt=*`` after a successful night; a failure only logs: the night is
-    published, and the next one retries."""
+def prune_after_night(root: Location, work_root: Location, part: str, keep_nights: int) -> list[str]:
+    """Deletes ``<work>/dt=*`` beyond the newest ``keep_nights`` after the successful night
+    ``part``, keeping the night whose model ``latest`` serves and nights whose run holds its
+    date lock (``bert4rec.retention``). Returns the names deleted. A failure only logs: the
+    night is published, and the next one retries."""
     try:
         pointer = read_latest(root)
         served = read_manifest(root.join(pointer["path"])) if pointer else None
@@ -128,12 +130,12 @@ def _prune(cfg: NightlyConfig, root: Location, work_root: Location, part: str) -
         night = night_of((served or {}).get("checkpoint"), work_root)
         if night:
             protected.add(night)
-        pruned = prune_work(work_root, cfg.keep_nights, part, protected)
+        pruned = prune_work(work_root, keep_nights, part, protected)
     except Exception as e:  # noqa: BLE001 - see the docstring
         log.warning("%s: pruning %s failed (%s: %s); the next night retries", part, work_root.uri, type(e).__name__, e)
         return []
     if pruned:
-        log.info("%s: pruned work dirs %s (keep_nights=%d)", part, pruned, cfg.keep_nights)
+        log.info("%s: pruned work dirs %s (keep_nights=%d)", part, pruned, keep_nights)
     return pruned
 
 
