@@ -9,7 +9,7 @@ from __future__ import annotations
 import datetime as dt
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from bert4rec.model import BERT4RecConfig
 
@@ -169,3 +169,12 @@ class NightlyConfig(Strict):
     gate: GateConfig = GateConfig()
     score: ScoreSettings = ScoreSettings()
     storage: StorageConfig = StorageConfig()
+
+    @field_validator("date")
+    @classmethod
+    def _not_in_the_future(cls, value: dt.date | None) -> dt.date | None:
+        # checked here too (nightly.run_date is the rule) so that the CLI refuses before Ray starts
+        today = dt.datetime.now(dt.timezone.utc).date()
+        if value is not None and value > today:
+            raise ValueError(f"{value.isoformat()} is in the future (today is {today.isoformat()} UTC); run a date up to today")
+        return value

@@ -9,6 +9,7 @@ Layout under ``out`` (local or ``s3://``)::
     <out>/dt=2026-11-24/_report/         report.json, report.md, training.png
     <out>/latest                         {"path": "dt=2026-11-24", ...}, moved last
     <out>/_locks/dt=2026-11-24.lock      held while a run of that date is in progress
+    <out>/_locks/latest.lock             held for the moment latest is compared and moved
     <out>/_work/dt=2026-11-24/           prepared data and the training run of that date
 
 Guarantees: two runs of one date never interleave (the lock); a rerun of a date replaces

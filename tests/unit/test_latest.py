@@ -183,3 +183,19 @@ def test_run_date():
 def test_latest_status():
     assert latest_status(True, {"path": "dt=2026-11-24"}, "dt=2026-11-24") == "moved to dt=2026-11-24"
     assert latest_status(False, {"path": "dt=2026-11-24"}, "dt=2026-11-20") == "unchanged: points to dt=2026-11-24 (newer)"
+
+
+def test_a_future_date_is_refused_by_the_config_and_the_cli(capsys):
+    from bert4rec.cli import main
+    from bert4rec.config import NightlyConfig
+
+    today = dt.datetime.now(dt.timezone.utc).date()
+    assert NightlyConfig(interactions="i", out="o", date=today).date == today
+    tomorrow = today + dt.timedelta(days=1)
+    rc = main(["nightly", "--interactions", "i", "--out", "o", "--date", tomorrow.isoformat()])
+    err = capsys.readouterr().err
+    assert rc == 2
+    assert err.splitlines() == [
+        f"bert4rec nightly: error: invalid config: field 'date': Value error, {tomorrow.isoformat()} is in the future "
+        f"(today is {today.isoformat()} UTC); run a date up to today (got '{tomorrow.isoformat()}')"
+    ]
