@@ -10,7 +10,7 @@ import datetime as dt
 import os
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from bert4rec.model import BERT4RecConfig
 
@@ -194,6 +194,12 @@ class NightlyConfig(Strict):
     work: str | None = Field(None, description="prepared data and training runs; default <out>/_work")
     warm_start: Literal["auto", "never"] = Field("auto", description="auto: from the last published model when its architecture matches")
     lock_stale_after_s: float = Field(6 * 3600, gt=0)
+    keep_nights: int = Field(
+        3,
+        ge=1,
+        description="after a successful night, keep the work dirs (<work>/dt=*: prepared data, checkpoints) of the "
+        "newest this many nights and delete older ones; the night whose model latest serves is always kept",
+    )
     prepare: PrepareSettings = PrepareSettings()
     train: TrainSettings = TrainSettings()
     gate: GateConfig = GateConfig()
@@ -208,3 +214,12 @@ class NightlyConfig(Strict):
             if value is not None and is_within(value, self.interactions):
                 raise ValueError(f"{name} ({value}) is inside interactions ({self.interactions}); keep outputs outside the interactions directory")
         return self
+
+    @field_validator("date")
+    @classmethod
+    def _not_in_the_future(cls, value: dt.date | None) -> dt.date | None:
+        # checked here too (nightly.run_date is the rule) so that the CLI refuses before Ray starts
+        today = dt.datetime.now(dt.timezone.utc).date()
+        if value is not None and value > today:
+            raise ValueError(f"{value.isoformat()} is in the future (today is {today.isoformat()} UTC); run a date up to today")
+        return value

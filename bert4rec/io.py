@@ -13,6 +13,7 @@ import json
 import os
 import posixpath
 import uuid
+from dataclasses import dataclass
 from typing import Any
 
 import fsspec
@@ -31,14 +32,22 @@ def is_s3(uri: str) -> bool:
     return uri.startswith(("s3://", "s3a://"))
 
 
+def fs_path(uri: str) -> str:
+    """The path that ``filesystem(uri)``'s methods take (``bucket/key`` or an absolute local
+    path), computed without building a filesystem."""
+    if is_s3(uri):
+        return uri.split("://", 1)[1].rstrip("/")
+    if uri.startswith("file://"):
+        uri = uri[len("file://") :]
+    return os.path.abspath(os.path.expanduser(uri))
+
+
 def filesystem(uri: str, storage: StorageConfig | None = None) -> tuple[fsspec.AbstractFileSystem, str]:
     """Returns ``(fs, path)`` for ``uri``; ``path`` is what ``fs`` methods take."""
     storage = storage or StorageConfig()
     if is_s3(uri):
-        return _s3(storage.model_dump_json()), uri.split("://", 1)[1].rstrip("/")
-    if uri.startswith("file://"):
-        uri = uri[len("file://") :]
-    return fsspec.filesystem("file"), os.path.abspath(os.path.expanduser(uri))
+        return _s3(storage.model_dump_json()), fs_path(uri)
+    return fsspec.filesystem("file"), fs_path(uri)
 
 
 @functools.lru_cache(maxsize=8)
@@ -78,12 +87,12 @@ def join(uri: str, *parts: str) -> str:
 
 
 def exists(uri: str, storage: StorageConfig | None = None) -> bool:
-    fs, path = filesystem(uri, storage)
-    return _call(uri, lambda: fs.exists(path))
+    return locate(uri, storage).exists()
 
 
-def _call(uri: str, fn):
-    """Runs a filesystem call, turning connection failures into one clear error."""
+def storage_call(uri: str, fn):
+    """Runs ``fn()``, a filesystem call on ``uri``, turning connection and credential
+    failures into one clear ``InputError`` naming ``uri``; ``FileNotFoundError`` passes through."""
     try:
         return fn()
     except (InputError, FileNotFoundError):
@@ -97,10 +106,114 @@ def _call(uri: str, fn):
         raise
 
 
+# Temporary alias: modules outside the publishing code still import the old name.
+_call = storage_call
+
+
+def check_plain_name(name: Any, source: str) -> str:
+    """``name`` if it is a plain file name (a string with no ``/`` or ``\\``, no ``..``, not
+    starting with ``.``), else an ``InputError`` naming ``source`` (the file it was read from).
+
+    Names read from storage (manifests, plans) are untrusted: one like ``../x`` would make a
+    reader or a cleanup reach outside its directory."""
+    if not isinstance(name, str) or not name or "/" in name or "\\" in name or ".." in name or name.startswith("."):
+        raise InputError(f"{source}: bad file name {name!r}: expected a plain name (no '/', '\\', '..' or leading '.')")
+    return name
+
+
+_ABSENT: Any = object()
+
+
+@dataclass(frozen=True, eq=False)
+class Location:
+    """A storage location resolved once: the fsspec filesystem, the path its methods take,
+    and the URI as the user wrote it (for messages and for code that wants a URI).
+
+    Build one per job with ``locate(uri, storage)`` and derive the rest with ``join``: on S3
+    this keeps one client for all of a job's calls instead of resolving the URI again at
+    every step."""
+
+    fs: fsspec.AbstractFileSystem
+    path: str
+    uri: str
+
+    @property
+    def s3(self) -> bool:
+        return is_s3(self.uri)
+
+    def join(self, *parts: str) -> "Location":
+        path = posixpath.join(self.path, *parts) if self.s3 else os.path.join(self.path, *parts)
+        return Location(self.fs, path, join(self.uri, *parts))
+
+    def call(self, fn):
+        """``storage_call`` for this location."""
+        return storage_call(self.uri, fn)
+
+    def exists(self) -> bool:
+        return self.call(lambda: self.fs.exists(self.path))
+
+    def read_bytes(self) -> bytes:
+        """The file's content; ``FileNotFoundError`` if there is none."""
+        return self.call(lambda: self.fs.cat_file(self.path))
+
+    def read_json(self, default: Any = _ABSENT) -> Any:
+        """The JSON value of the file; ``default`` if it is missing (else ``FileNotFoundError``).
+        A file that is not JSON is an ``InputError`` naming it."""
+        try:
+            data = self.read_bytes()
+        except FileNotFoundError:
+            if default is _ABSENT:
+                raise
+            return default
+        try:
+            return json.loads(data)
+        except ValueError as e:
+            raise InputError(f"{self.uri}: not valid JSON: {e}") from e
+
+    def write_json(self, obj: Any) -> None:
+        """Writes JSON so that a reader sees the old file or the new one, never a torn one.
+
+        Locally: write a temporary sibling, then ``os.replace`` (atomic). On S3 a single PUT is
+        already atomic."""
+        data = json.dumps(obj, indent=2, sort_keys=True, default=str).encode()
+        if self.s3:
+            self.call(lambda: self.fs.pipe_file(self.path, data))
+            return
+        os.makedirs(os.path.dirname(self.path), exist_ok=True)
+        tmp = f"{self.path}.tmp-{uuid.uuid4().hex}"
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, self.path)
+
+    def children(self) -> list[dict]:
+        """The direct children as ``{"name": base name, "type": "file"|"directory", ...}``;
+        ``[]`` if there is nothing here."""
+        try:
+            entries = self.call(lambda: self.fs.ls(self.path, detail=True))
+        except FileNotFoundError:
+            return []
+        out = []
+        for e in entries:
+            name = posixpath.basename(e["name"].rstrip("/"))
+            if name and e["name"].rstrip("/") != self.path.rstrip("/"):
+                out.append({**e, "name": name})
+        return sorted(out, key=lambda e: e["name"])
+
+
+def locate(target: "str | Location", storage: StorageConfig | None = None) -> Location:
+    """``target`` as a ``Location`` (returned as is if it already is one)."""
+    if isinstance(target, Location):
+        return target
+    fs, path = filesystem(target, storage)
+    return Location(fs, path, target)
+
+
 def parquet_files(uri: str, storage: StorageConfig | None = None) -> list[str]:
     """The Parquet files of a file or directory URI (data files only, sorted), as fs paths."""
     fs, path = filesystem(uri, storage)
-    if not _call(uri, lambda: fs.exists(path)):
+    if not storage_call(uri, lambda: fs.exists(path)):
         raise InputError(f"{uri}: no such file or directory")
     if fs.isfile(path):
         return [path]
@@ -144,25 +257,10 @@ def write_parquet(table: pa.Table, uri: str, storage: StorageConfig | None = Non
 
 def read_json(uri: str, storage: StorageConfig | None = None) -> Any:
     fs, path = filesystem(uri, storage)
-    with _call(uri, lambda: fs.open(path, "r")) as f:
+    with storage_call(uri, lambda: fs.open(path, "r")) as f:
         return json.load(f)
 
 
 def write_json(obj: Any, uri: str, storage: StorageConfig | None = None) -> None:
-    """Writes JSON so that a reader sees the old file or the new one, never a torn one.
-
-    Locally: write a temporary sibling, then ``os.replace`` (atomic). On S3 a single PUT is
-    already atomic.
-    """
-    fs, path = filesystem(uri, storage)
-    data = json.dumps(obj, indent=2, sort_keys=True, default=str).encode()
-    if is_s3(uri):
-        _call(uri, lambda: fs.pipe_file(path, data))
-        return
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    tmp = f"{path}.tmp-{uuid.uuid4().hex}"
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    """Writes JSON atomically: see ``Location.write_json``."""
+    locate(uri, storage).write_json(obj)

@@ -9,12 +9,17 @@ Layout under ``out`` (local or ``s3://``)::
     <out>/dt=2026-11-24/_report/         report.json, report.md, training.png
     <out>/latest                         {"path": "dt=2026-11-24", ...}, moved last
     <out>/_locks/dt=2026-11-24.lock      held while a run of that date is in progress
+    <out>/_locks/latest.lock             held for the moment latest is compared and moved
     <out>/_work/dt=2026-11-24/           prepared data and the training run of that date
 
 Guarantees: two runs of one date never interleave (the lock); a rerun of a date replaces
 its table whole (the manifest names its files); ``latest`` moves only after the table and
 its report are complete, so a run killed at any point leaves every published date and
-``latest`` readable and consistent. A rerun of a date resumes that date's training run
+``latest`` readable and consistent. ``latest`` only moves forward: a backfill of a date
+older than the one it points to publishes ``dt=D`` and leaves ``latest`` alone (the result's
+``latest`` says so); a date after today (UTC) is refused before anything runs. After a
+successful night, ``_work/dt=*`` beyond the newest ``keep_nights`` is deleted
+(``bert4rec.retention``). A rerun of a date resumes that date's training run
 (Ray Train restores its latest checkpoint), so a run killed while scoring does not train
 again. A model that fails the quality gate publishes nothing and exits non-zero.
 """
@@ -29,11 +34,14 @@ import socket
 import uuid
 
 from bert4rec import checkpoint as ckpt_lib
-from bert4rec import publish
 from bert4rec.config import EvaluateConfig, NightlyConfig, PrepareConfig, ScoreConfig, TrainConfig
 from bert4rec.console import stage
-from bert4rec.io import join
+from bert4rec.io import InputError, Location, join, locate
+from bert4rec.latest import advance_latest, read_latest
+from bert4rec.locks import lock
+from bert4rec.publish import read_manifest
 from bert4rec.report import format_timings, operations_report, write_report
+from bert4rec.retention import night_of, prune_work, running_nights
 
 log = logging.getLogger(__name__)
 
@@ -67,35 +75,81 @@ def _terminate_gracefully() -> None:
         pass
 
 
-def previous_model(out: str, storage) -> dict | None:
+def previous_model(root: str | Location, storage=None) -> dict | None:
     """The manifest of the table ``latest`` points to, or None on the first night."""
-    pointer = publish.read_latest(out, storage)
+    root = locate(root, storage)
+    pointer = read_latest(root)
     if pointer is None:
         return None
-    manifest = publish.read_manifest(join(out, pointer["path"]), storage)
+    manifest = read_manifest(root.join(pointer["path"]))
     return {**(manifest or {}), "path": pointer["path"]} if manifest else None
+
+
+def run_date(requested: dt.date | None, today: dt.date) -> dt.date:
+    """The night's date: ``requested`` (default ``today``), refused when after ``today``: no
+    data exists for it yet, and publishing it would hold ``latest`` in the future."""
+    date = requested or today
+    if date > today:
+        raise InputError(f"date {date.isoformat()} is in the future (today is {today.isoformat()} UTC); run a date up to today")
+    return date
+
+
+def latest_status(moved: bool, pointer: dict, part: str) -> str:
+    """What the night did to ``latest``, for the result and the log."""
+    if moved:
+        return f"moved to {part}"
+    return f"unchanged: points to {pointer['path']} (newer)"
 
 
 def nightly(cfg: NightlyConfig) -> dict:
     """Runs one night for ``cfg.date`` (default: today, UTC); returns the report."""
+    date = run_date(cfg.date, dt.datetime.now(dt.timezone.utc).date())
     _terminate_gracefully()
-    date = cfg.date or dt.datetime.now(dt.timezone.utc).date()
     part = f"dt={date.isoformat()}"
-    table_uri = join(cfg.out, part)
-    work = join(cfg.work or join(cfg.out, "_work"), part)
+    # resolved once: every step of the night reuses this filesystem
+    root = locate(cfg.out, cfg.storage)
+    work_root = locate(cfg.work or join(cfg.out, "_work"), cfg.storage)
     owner = f"nightly {part} {socket.gethostname()}:{os.getpid()} {uuid.uuid4().hex[:8]}"
-    with publish.lock(join(cfg.out, "_locks", f"{part}.lock"), owner, cfg.storage, cfg.lock_stale_after_s):
-        return _run(cfg, date, part, table_uri, work)
+    with lock(root.join("_locks", f"{part}.lock"), owner, stale_after_s=cfg.lock_stale_after_s):
+        report = _run(cfg, date, part, root.join(part).uri, work_root.join(part).uri, root)
+        with stage("publish", report["timings"]):
+            moved, pointer = advance_latest(root, part, owner)
+        report["latest"] = latest_status(moved, pointer, part)
+        log.info("%s: latest %s", part, report["latest"])
+        log.info("%s: published; stage timings: %s", part, format_timings(report["timings"]))
+        report["pruned_work"] = prune_after_night(root, work_root, part, cfg.keep_nights)
+    return report
 
 
-def _run(cfg: NightlyConfig, date: dt.date, part: str, table_uri: str, work: str) -> dict:
+def prune_after_night(root: Location, work_root: Location, part: str, keep_nights: int) -> list[str]:
+    """Deletes ``<work>/dt=*`` beyond the newest ``keep_nights`` after the successful night
+    ``part``, keeping the night whose model ``latest`` serves and nights whose run holds its
+    date lock (``bert4rec.retention``). Returns the names deleted. A failure only logs: the
+    night is published, and the next one retries."""
+    try:
+        pointer = read_latest(root)
+        served = read_manifest(root.join(pointer["path"])) if pointer else None
+        protected = running_nights(root.join("_locks")) - {part}
+        night = night_of((served or {}).get("checkpoint"), work_root)
+        if night:
+            protected.add(night)
+        pruned = prune_work(work_root, keep_nights, part, protected)
+    except Exception as e:  # noqa: BLE001 - see the docstring
+        log.warning("%s: pruning %s failed (%s: %s); the next night retries", part, work_root.uri, type(e).__name__, e)
+        return []
+    if pruned:
+        log.info("%s: pruned work dirs %s (keep_nights=%d)", part, pruned, keep_nights)
+    return pruned
+
+
+def _run(cfg: NightlyConfig, date: dt.date, part: str, table_uri: str, work: str, root: Location) -> dict:
     from bert4rec.evaluate import evaluate
     from bert4rec.prepare import prepare
     from bert4rec.score import score
     from bert4rec.train import train
 
     timings: dict[str, float] = {}
-    previous = previous_model(cfg.out, cfg.storage)
+    previous = previous_model(root)
 
     prepared_uri = join(work, "prepared")
     with stage("prepare", timings):
@@ -162,9 +216,6 @@ def _run(cfg: NightlyConfig, date: dt.date, part: str, table_uri: str, work: str
         prev_path = previous["path"] if previous else None
         report["operations"] = operations_report(cfg.out, part, prev_path, prepared["items"], report["table"], new_ndcg, cfg.storage)
         write_report(report, join(table_uri, "_report"), cfg.storage)
-    with stage("publish", timings):
-        # the commit point of the night: consumers follow latest
-        publish.write_latest(cfg.out, part, cfg.storage)
-    log.info("%s: published; stage timings: %s", part, format_timings(timings))
+    # the caller then moves latest (the commit point of the night: consumers follow it)
     return report
 

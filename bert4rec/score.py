@@ -28,8 +28,7 @@ import pyarrow.compute as pc
 import torch
 
 from bert4rec import checkpoint as ckpt_lib
-from bert4rec import console
-from bert4rec import data, publish
+from bert4rec import console, data, locks, publish
 from bert4rec.config import ScoreConfig, StorageConfig
 from bert4rec.io import InputError, arrow_filesystem, filesystem, join, parquet_schema, read_parquet
 from bert4rec.model import BERT4Rec
@@ -369,7 +368,7 @@ def score(cfg: ScoreConfig, manifest_extra: dict | None = None) -> dict:
 
     # one writer per output: a second run of the same --out waits for nothing and fails fast
     owner = f"score {socket.gethostname()}:{os.getpid()} {uuid.uuid4().hex[:8]}"
-    with publish.lock(join(cfg.out, "_lock"), owner, cfg.storage):
+    with locks.lock(join(cfg.out, "_lock"), owner, cfg.storage):
         return _score_and_publish(cfg, loaded, users, has_ratings, global_exclude, ex_users, ex_tokens, titles, timings, t0, manifest_extra)
 
 

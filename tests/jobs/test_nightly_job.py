@@ -40,6 +40,7 @@ import yaml
 
 from bert4rec import checkpoint as ckpt_lib
 from bert4rec import publish
+from bert4rec.latest import read_latest
 from tests.conftest import TINY_MODEL, TINY_TRAIN, snapshot
 
 pytestmark = pytest.mark.jobs
@@ -204,7 +205,7 @@ def test_first_night_publishes_through_ray_job_submit(ray_head, data, night1):
     assert [h["epoch"] for h in report["training"]["history"]] == list(range(1, EPOCHS + 1))
     # the tiny model learned something: clearly better than most-popular on held-out items
     assert report["test"]["ndcg@10"] > 1.5 * report["test"]["popularity"]["ndcg@10"], report["test"]
-    assert publish.read_latest(data["out"])["path"] == f"dt={DAY1}"
+    assert read_latest(data["out"])["path"] == f"dt={DAY1}"
     # the run let go of its lock
     assert not os.path.exists(os.path.join(data["out"], "_locks", f"dt={DAY1}.lock"))
 
@@ -214,7 +215,7 @@ def test_a_run_stopped_while_scoring_leaves_the_published_state_intact(data, nig
     assert night2_killed["scoring_users"] == DAY1_USERS + NEW_USERS
     # latest still points at night 1, whose table reads back whole and unchanged
     assert read_bytes(os.path.join(out, "latest")) == night2_killed["latest_before"]
-    assert publish.read_latest(out)["path"] == f"dt={DAY1}"
+    assert read_latest(out)["path"] == f"dt={DAY1}"
     assert publish.read_table(night1["table"]).num_rows == DAY1_USERS
     assert snapshot(night1["table"]) == night1["snapshot"]
     # no table of the stopped night was committed
@@ -233,7 +234,7 @@ def test_a_run_stopped_while_scoring_leaves_the_published_state_intact(data, nig
 
 def test_the_rerun_of_a_stopped_night_publishes_without_training_again(data, night2):
     out = check_published(night2["table"], DAY2, DAY1_USERS + NEW_USERS)
-    assert publish.read_latest(data["out"])["path"] == f"dt={DAY2}"
+    assert read_latest(data["out"])["path"] == f"dt={DAY2}"
     # the stopped run had finished training: the rerun resumed that run and trained no epoch
     best = ckpt_lib.load(out["report"]["training"]["best_checkpoint"])
     assert best.metadata["attempts"] == [1]
@@ -262,7 +263,7 @@ def test_the_second_night_warm_starts_and_keeps_the_first(data, night1, night2):
     # night 2's table is its own partition; night 1's files and _SUCCESS are byte-for-byte as they were
     assert night2["table"] != night1["table"]
     assert snapshot(night1["table"]) == night1["snapshot"]
-    assert publish.read_latest(data["out"])["path"] == f"dt={DAY2}"
+    assert read_latest(data["out"])["path"] == f"dt={DAY2}"
 
 
 def test_a_model_below_the_quality_gate_is_not_published(ray_head, data, night1, tmp_path):

@@ -11,8 +11,10 @@ import pyarrow.parquet as pq
 import pytest
 
 from bert4rec import publish as pub
-from bert4rec.io import InputError, filesystem, write_json
-from bert4rec.publish import LockHeld, lock, publish, read_latest, read_manifest, read_table, staging_dir, write_latest
+from bert4rec.io import InputError, filesystem, locate, write_json
+from bert4rec.latest import advance_latest, read_latest, write_latest
+from bert4rec.locks import LockHeld, S3Lock, lock
+from bert4rec.publish import make_plan, move_files, publish, read_manifest, read_table, staging_dir
 
 pytestmark = pytest.mark.s3
 
@@ -57,7 +59,7 @@ def test_publish_replace_and_read(s3_server, s3_bucket):
 
     # a run that moves files and dies before the commit: still the old table; its orphans are unlisted
     staging = _stage(out, "r3", [_table([7], "r3")], storage)
-    pub._move(out, staging, pub._plan(out, staging, storage, None, None, False), storage)
+    move_files(out, staging, make_plan(out, staging, storage), storage)
     assert read_manifest(out, storage) == m1
     assert read_table(out, storage).equals(pa.concat_tables([a, b]))
     assert "part-r3-00000.parquet" in _keys(client, out)
@@ -75,8 +77,8 @@ def test_resume_after_crash_mid_move(s3_server, s3_bucket):
     out = f"{s3_bucket}/t"
     parts = [_table([1], "r1"), _table([2, 3], "r1")]
     staging = _stage(out, "r1", parts, storage)
-    plan = pub._plan(out, staging, storage, None, None, False)
-    pub._move(out, staging, {**plan, "moves": plan["moves"][:1]}, storage)
+    plan = make_plan(out, staging, storage)
+    move_files(out, staging, {**plan, "moves": plan["moves"][:1]}, storage)
     with pytest.raises(InputError, match="no published table"):
         read_table(out, storage)
 
@@ -119,10 +121,36 @@ def test_latest(s3_server, s3_bucket):
     assert json.loads(client.get_object(Bucket=s3_bucket[5:], Key="recs/latest")["Body"].read()) == p2
     assert read_table(f"{root}/{p2['path']}", storage).column("tag").to_pylist() == ["b"]
 
+    # only forward: a backfill of 11-23 leaves latest at 11-24, through one resolved Location
+    loc = locate(root, storage)
+    assert advance_latest(loc, "dt=2026-11-23", "backfill") == (False, p2)
+    moved, p3 = advance_latest(loc, "dt=2026-11-24", "rerun")
+    assert moved and (p3["path"], p3["run_id"]) == ("dt=2026-11-24", "b")
+    assert _keys(client, f"{root}/_locks") == []
+
+    # a crafted pointer is refused, naming the object
+    write_json({"path": "../other-bucket"}, f"{root}/latest", storage)
+    with pytest.raises(InputError, match=r"recs/latest: latest must name a table directory dt=YYYY-MM-DD under the root, got '../other-bucket'"):
+        read_latest(root, storage)
+
+
+class PlainPutS3Lock(S3Lock):
+    """Creates the lock with a plain PUT, as on a server that ignores If-None-Match: the
+    check, PUT, read-back path."""
+
+    def create(self, data: bytes) -> str:
+        return self.put(data)
+
+
+def _lock(conditional: bool):
+    if conditional:
+        return lock
+    return lambda uri, owner, storage, **kw: PlainPutS3Lock(locate(uri, storage), owner, **kw)
+
 
 @pytest.mark.parametrize("conditional", [True, False], ids=["if-none-match", "check-then-put"])
-def test_lock(s3_server, s3_bucket, monkeypatch, conditional):
-    monkeypatch.setattr(pub, "S3_CONDITIONAL_WRITES", conditional)
+def test_lock(s3_server, s3_bucket, conditional):
+    lock = _lock(conditional)
     storage, client = s3_server.storage, s3_server.client()
     uri = f"{s3_bucket}/recs/_locks/dt=2026-11-24.lock"
     key = "recs/_locks/dt=2026-11-24.lock"

@@ -1,20 +1,17 @@
-"""The publish contract on the local filesystem: manifest as commit point, replace, crashes, latest, lock."""
+"""The publish contract on the local filesystem: manifest as commit point, replace, crashes, untrusted names."""
 
 from __future__ import annotations
 
 import json
 import os
-import threading
-import time
-from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
 from bert4rec import publish as pub
-from bert4rec.io import InputError
-from bert4rec.publish import LockHeld, lock, publish, read_latest, read_manifest, read_table, staging_dir, write_latest
+from bert4rec.io import InputError, locate
+from bert4rec.publish import make_plan, move_files, publish, read_manifest, read_table, staging_dir, write_manifest
 
 
 def _table(users: list[int], tag: str) -> pa.Table:
@@ -126,8 +123,8 @@ def test_crash_after_moves_before_commit(tmp_path):
 
     new_parts = [_table([5], "r2"), _table([6, 7], "r2")]
     staging = _stage(out, "r2", new_parts)
-    plan = pub._plan(out, staging, None, None, None, False)
-    pub._move(out, staging, {**plan, "moves": plan["moves"][:1]}, None)  # dies after the first move
+    plan = make_plan(out, staging)
+    move_files(out, staging, {**plan, "moves": plan["moves"][:1]})  # dies after the first move
 
     assert (tmp_path / "out" / "_SUCCESS").read_bytes() == manifest_bytes
     assert read_table(out).equals(old)
@@ -145,7 +142,7 @@ def test_orphans_of_a_dead_run_are_cleaned_by_the_next_run(tmp_path):
     out = str(tmp_path / "out")
     _publish(out, "r1", [_table([1], "r1")])
     staging = _stage(out, "r2", [_table([2], "r2"), _table([3], "r2")])
-    pub._move(out, staging, pub._plan(out, staging, None, None, None, False), None)  # dies before the commit
+    move_files(out, staging, make_plan(out, staging))  # dies before the commit
     (tmp_path / "out" / "_SUCCESS.tmp-deadbeef").write_text("{")  # a torn manifest write
     (tmp_path / "out" / "notes.txt").write_text("not ours")  # not a data file: left alone
     assert read_table(out).column("user").to_pylist() == [1]
@@ -161,9 +158,9 @@ def test_crash_after_commit_before_cleanup(tmp_path):
     _publish(out, "r1", [_table([1, 2], "r1")])
     new = _table([3], "r2")
     staging = _stage(out, "r2", [new])
-    plan = pub._plan(out, staging, None, None, None, False)
-    pub._move(out, staging, plan, None)
-    pub._commit(out, plan, {}, None)  # dies before deleting the old files
+    plan = make_plan(out, staging)
+    move_files(out, staging, plan)
+    write_manifest(out, plan, {})  # dies before deleting the old files
 
     assert read_table(out).equals(new)  # committed: only the listed file is read
     assert _listing(out) == ["_SUCCESS", "_staging", "part-r1-00000.parquet", "part-r2-00000.parquet"]
@@ -244,148 +241,106 @@ def test_partition_style_paths_add_no_columns(tmp_path):
     assert read_table(out).equals(t)
 
 
-# --------------------------------------------------------------------------- latest
+# --------------------------------------------------------------------------- untrusted names
 
 
-def test_latest_round_trip_and_replace(tmp_path):
-    root = str(tmp_path / "recs")
-    assert read_latest(root) is None
-    for day, run in [("2026-11-23", "a"), ("2026-11-24", "b")]:
-        _publish(os.path.join(root, f"dt={day}"), run, [_table([1], run)])
+@pytest.mark.parametrize(
+    ("name", "why"),
+    [
+        ("../victim.parquet", "expected a plain name (no '/', '\\', '..' or leading '.')"),
+        ("..\\victim.parquet", "expected a plain name (no '/', '\\', '..' or leading '.')"),
+        ("sub/part-r1-00000.parquet", "expected a plain name (no '/', '\\', '..' or leading '.')"),
+        (".part-r1-00000.parquet", "expected a plain name (no '/', '\\', '..' or leading '.')"),
+        ("victim.parquet", "expected part-<run_id>-NNNNN.parquet"),
+        (7, "expected a plain name (no '/', '\\', '..' or leading '.')"),
+    ],
+)
+def test_crafted_manifest_never_reads_or_deletes_outside_the_table(tmp_path, name, why):
+    out = str(tmp_path / "recs" / "dt=2026-11-24")
+    _publish(out, "r1", [_table([1], "r1")])
+    victim = tmp_path / "recs" / "victim.parquet"
+    pq.write_table(_table([666], "victim"), victim)
+    manifest_path = tmp_path / "recs" / "dt=2026-11-24" / "_SUCCESS"
+    manifest = json.loads(manifest_path.read_text())
+    manifest_path.write_text(json.dumps({**manifest, "files": ["part-r1-00000.parquet", name]}))
 
-    p1 = write_latest(root, "dt=2026-11-23")
-    assert read_latest(root) == p1
-    assert (p1["path"], p1["date"], p1["run_id"]) == ("dt=2026-11-23", "2026-11-23", "a")
-    p2 = write_latest(root, "dt=2026-11-24")
-    assert read_latest(root) == p2
-    assert (p2["path"], p2["date"], p2["run_id"]) == ("dt=2026-11-24", "2026-11-24", "b")
-    assert sorted(os.listdir(root)) == ["dt=2026-11-23", "dt=2026-11-24", "latest"]  # no temp files left
-    assert read_table(os.path.join(root, read_latest(root)["path"])).column("tag").to_pylist() == ["b"]
-
-
-def test_latest_refuses_unpublished_and_bad_targets(tmp_path):
-    root = str(tmp_path / "recs")
-    os.makedirs(os.path.join(root, "dt=2026-11-25"))
-    with pytest.raises(InputError, match=r"dt=2026-11-25: no published table there"):
-        write_latest(root, "dt=2026-11-25")
-    with pytest.raises(InputError, match="relative to the root"):
-        write_latest(root, "../elsewhere")
-    assert read_latest(root) is None
-    assert write_latest(root, "dt=2026-11-25", require_published=False)["run_id"] is None
-
-
-def test_latest_readers_never_see_a_torn_pointer(tmp_path):
-    root = str(tmp_path / "recs")
-    for i in range(2):
-        _publish(os.path.join(root, f"dt=2026-11-2{i}"), f"r{i}", [_table([i], "x")])
-    write_latest(root, "dt=2026-11-20")
-    stop, seen, errors = threading.Event(), set(), []
-
-    def reader():
-        while not stop.is_set():
-            try:
-                seen.add(read_latest(root)["path"])
-            except Exception as e:  # noqa: BLE001
-                errors.append(e)
-
-    t = threading.Thread(target=reader)
-    t.start()
-    for i in range(60):
-        write_latest(root, f"dt=2026-11-2{i % 2}")
-    stop.set()
-    t.join()
-    assert errors == []
-    assert seen <= {"dt=2026-11-20", "dt=2026-11-21"}
+    expected = f"{manifest_path}: bad file name {name!r}: {why}"
+    for read in (read_manifest, read_table, pub.published_files):
+        with pytest.raises(InputError) as e:
+            read(out)
+        assert str(e.value) == expected
+    # a new publish over it stops at the same check, before anything moves or is deleted
+    with pytest.raises(InputError) as e:
+        _publish(out, "r2", [_table([2], "r2")])
+    assert str(e.value) == expected
+    assert pq.read_table(victim).column("user").to_pylist() == [666]
+    assert _listing(out) == ["_SUCCESS", "_staging", "part-r1-00000.parquet"]
 
 
-# --------------------------------------------------------------------------- lock
+def test_manifest_rows_must_be_a_count(tmp_path):
+    (tmp_path / "_SUCCESS").write_text(json.dumps({"files": [], "rows": "many"}))
+    with pytest.raises(InputError) as e:
+        read_manifest(str(tmp_path))
+    assert str(e.value) == f"{tmp_path / '_SUCCESS'}: 'rows' must be a count, got 'many'"
 
 
-def test_lock_is_exclusive_and_released(tmp_path):
-    uri = str(tmp_path / "_locks" / "dt=2026-11-24.lock")
-    with lock(uri, "run-A") as held:
-        assert held["owner"] == "run-A"
-        assert json.loads(Path(uri).read_text())["token"] == held["token"]
-        with pytest.raises(LockHeld) as e:
-            with lock(uri, "run-B"):
-                pass
-        assert e.value.holder == "run-A"
-        assert e.value.since == held["acquired_at"]
-        assert str(e.value).startswith(f"{uri} is locked by 'run-A' since {held['acquired_at']}")
-        assert isinstance(e.value, RuntimeError)
-        with pytest.raises(LockHeld):  # not re-entrant either
-            with lock(uri, "run-A"):
-                pass
-    assert not os.path.exists(uri)
-    with lock(uri, "run-B"):
-        pass
-    assert os.listdir(tmp_path / "_locks") == []
+@pytest.mark.parametrize(
+    ("moves", "message"),
+    [
+        ([["../../victim.parquet", "part-r2-00000.parquet"]], "bad file name '../../victim.parquet': expected a plain name (no '/', '\\', '..' or leading '.')"),
+        ([["a1b2c3_000000_000000.parquet", "../part-r2-00000.parquet"]], "bad file name '../part-r2-00000.parquet': expected part-r2-00000.parquet"),
+        ([["a1b2c3_000000_000000.parquet", "part-r9-00000.parquet"]], "bad file name 'part-r9-00000.parquet': expected part-r2-00000.parquet"),
+        ([["_publish.json", "part-r2-00000.parquet"]], "bad staged file name '_publish.json': expected a .parquet file"),
+        ([["a1b2c3_000000_000000.parquet"]], "bad move ['a1b2c3_000000_000000.parquet']: expected [staged name, part name]"),
+    ],
+)
+def test_crafted_plan_is_refused_before_anything_moves(tmp_path, moves, message):
+    out = str(tmp_path / "recs" / "dt=2026-11-24")
+    _publish(out, "r1", [_table([1], "r1")])
+    victim = tmp_path / "recs" / "victim.parquet"
+    pq.write_table(_table([666], "victim"), victim)
+    staging = _stage(out, "r2", [_table([2], "r2")])
+    plan_path = os.path.join(staging, "_publish.json")
+    with open(plan_path, "w") as f:
+        json.dump({"run_id": "r2", "rows": 1, "moves": moves}, f)
+
+    with pytest.raises(InputError) as e:
+        publish(out, staging, {})
+    assert str(e.value) == f"{plan_path}: {message}"
+    assert pq.read_table(victim).column("user").to_pylist() == [666]
+    assert sorted(os.listdir(staging)) == ["_publish.json", "a1b2c3_000000_000000.parquet"]
+    assert read_table(out).column("user").to_pylist() == [1]
 
 
-def test_lock_released_after_exception(tmp_path):
-    uri = str(tmp_path / "_locks" / "x.lock")
-    with pytest.raises(ZeroDivisionError):
-        with lock(uri, "run-A"):
-            1 / 0
-    assert not os.path.exists(uri)
-    with lock(uri, "run-B") as held:
-        assert held["owner"] == "run-B"
+def test_plan_of_another_run_is_refused(tmp_path):
+    out = str(tmp_path / "out")
+    staging = _stage(out, "r2", [_table([2], "r2")])
+    with open(os.path.join(staging, "_publish.json"), "w") as f:
+        json.dump({"run_id": "r1", "rows": 1, "moves": []}, f)
+    with pytest.raises(InputError, match=r"_publish.json: plan is for run 'r1', not 'r2'"):
+        publish(out, staging, {})
 
 
-def test_stale_lock_is_taken_over(tmp_path):
-    uri = str(tmp_path / "_locks" / "x.lock")
-    os.makedirs(tmp_path / "_locks")
-    old = {"owner": "dead-run", "token": "t0", "acquired_at": "2026-11-23T00:00:00+00:00", "acquired_at_epoch": time.time() - 7 * 3600}
-    with open(uri, "w") as f:
-        json.dump(old, f)
-    with lock(uri, "run-B") as held:
-        assert json.loads(Path(uri).read_text())["token"] == held["token"]
-    assert os.listdir(tmp_path / "_locks") == []
-
-    # the same age is fresh under a longer staleness limit
-    with open(uri, "w") as f:
-        json.dump(old, f)
-    with pytest.raises(LockHeld, match="locked by 'dead-run' since 2026-11-23T00:00:00"):
-        with lock(uri, "run-B", stale_after_s=8 * 3600):
-            pass
+def test_staging_must_be_flat(tmp_path):
+    out = str(tmp_path / "out")
+    staging = _stage(out, "r1", [_table([1], "r1")])
+    os.makedirs(os.path.join(staging, "sub"))
+    pq.write_table(_table([2], "r1"), os.path.join(staging, "sub", "x.parquet"))
+    with pytest.raises(InputError) as e:
+        publish(out, staging, {})
+    assert str(e.value) == f"{os.path.join(staging, 'sub')}: publish takes Parquet files directly in the staging dir, not in subdirectories"
 
 
-def test_unreadable_lock_file_ages_by_mtime(tmp_path):
-    uri = str(tmp_path / "x.lock")
-    open(uri, "w").close()  # a run that died between creating the lock and writing it
-    with pytest.raises(LockHeld, match="unknown"):
-        with lock(uri, "run-B"):
-            pass
-    os.utime(uri, (time.time() - 7 * 3600,) * 2)
-    with lock(uri, "run-B"):
-        pass
-    assert not os.path.exists(uri)
+def test_run_id_with_dot_dot_is_refused(tmp_path):
+    with pytest.raises(InputError, match=r"bad run_id 'a\.\.b'"):
+        staging_dir(str(tmp_path), "a..b")
 
 
-def test_lock_taken_over_meanwhile_is_not_deleted(tmp_path):
-    uri = str(tmp_path / "x.lock")
-    with lock(uri, "run-A"):
-        with open(uri, "w") as f:  # another run judged us stale and took over
-            json.dump({"owner": "run-B", "token": "other"}, f)
-    assert json.loads(Path(uri).read_text())["owner"] == "run-B"
-
-
-def test_lock_race(tmp_path):
-    uri = str(tmp_path / "x.lock")
-    barrier, won, lost = threading.Barrier(16), [], []
-
-    def contender(i):
-        barrier.wait()
-        try:
-            with lock(uri, f"run-{i}"):
-                won.append(i)
-                time.sleep(0.2)
-        except LockHeld:
-            lost.append(i)
-
-    threads = [threading.Thread(target=contender, args=(i,)) for i in range(16)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    assert len(won) == 1 and len(lost) == 15
+def test_publish_takes_locations(tmp_path):
+    table = locate(str(tmp_path / "out"))
+    staging = _stage(table.uri, "r1", [_table([1, 2], "r1")])
+    manifest = publish(table, table.join("_staging", "r1"), {})
+    assert manifest["files"] == ["part-r1-00000.parquet"]
+    assert read_manifest(table) == manifest == read_manifest(table.uri)
+    assert read_table(table).column("user").to_pylist() == [1, 2]
+    assert not os.path.exists(staging)
