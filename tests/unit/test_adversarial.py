@@ -38,7 +38,7 @@ import torch
 import yaml
 
 from bert4rec import checkpoint as ckpt_lib
-from bert4rec import publish
+from bert4rec import latest, publish
 from bert4rec.cli import main
 from bert4rec.config import PrepareConfig
 from bert4rec.io import InputError
@@ -122,6 +122,10 @@ def no_cluster(monkeypatch):
     def reached(*args, **kwargs):
         raise RayReached("Ray was used before the input was refused")
 
+    import bert4rec.cli
+
+    # no cluster and no console board: the command's own checks run first
+    monkeypatch.setattr(bert4rec.cli, "init_ray", lambda *a, **k: None)
     monkeypatch.setattr(ray, "init", lambda *a, **k: None)
     monkeypatch.setattr(ray, "is_initialized", lambda: False)
     monkeypatch.setattr(ray, "cluster_resources", reached)
@@ -149,7 +153,7 @@ def env(base, tmp_path) -> dict:
     extra = {"checkpoint": ckpt, "model_version": version, "val_ndcg@10": 0.1, "date": DATE}
     root = tmp_path / "nightly"
     publish_table(str(root / PART), "20260101T000000-aaaaaaaa", extra)
-    publish.write_latest(str(root), PART)
+    latest.write_latest(str(root), PART)
     publish_table(str(tmp_path / "scored"), "20260101T000000-bbbbbbbb", extra)
     victim = tmp_path / "victim"
     write_parquet(victim / "secret.parquet", pa.table({"user_id": [99], "item_ids": [[1]]}))
@@ -701,7 +705,7 @@ def test_publish_refuses_a_crafted_plan(env, moves):
 @pytest.mark.parametrize("path", ["../victim", "/etc", "dt=2026-01-01/../../victim", "_work"], ids=["dotdot", "absolute", "nested-dotdot", "not-a-date"])
 def test_read_latest_refuses_pointers_outside_the_root(env, path):
     _write_latest(env, {"path": path})
-    error = raised(lambda: publish.read_latest(env["root"]))
+    error = raised(lambda: latest.read_latest(env["root"]))
     assert "latest" in error and path in error, error
 
 
