@@ -275,7 +275,10 @@ def run_job(command: str, argv: list[str]) -> int:
 
 
 def _main(argv: list[str], job: bool) -> int:
-    args = vars(build_parser(_command_of(argv)).parse_args(argv))
+    try:
+        args = vars(build_parser(_command_of(argv)).parse_args(argv))
+    except SystemExit as e:  # --help (0) or a bad flag (2, one line already printed)
+        return e.code if isinstance(e.code, int) else 2
     command, config_path, verbose = args.pop("command"), args.pop("_config"), args.pop("_verbose")
     console.setup_logging(verbose)
     from bert4rec.io import InputError
@@ -284,7 +287,8 @@ def _main(argv: list[str], job: bool) -> int:
         cfg = load_config(config_model(command), config_path, args)
         result = _run(command, cfg, verbose)
     except InputError as e:
-        print(f"bert4rec {command}: error: {e}", file=sys.stderr)
+        # one line, whatever the message holds (a YAML or Arrow error spans several)
+        print(f"bert4rec {command}: error: " + " ".join(str(e).split()), file=sys.stderr)
         return 2
     except Exception as e:
         if job or verbose:

@@ -231,10 +231,16 @@ def read_parquet(uri: str, storage: StorageConfig | None = None, columns: list[s
     """Reads a Parquet file or directory of files into one table."""
     fs, _ = filesystem(uri, storage)
     files = parquet_files(uri, storage)
-    try:
-        tables = [pq.read_table(f, columns=columns, filesystem=fs) for f in files]
-    except (pa.ArrowInvalid, KeyError) as e:
-        raise InputError(f"{uri}: cannot read Parquet: {e}") from e
+    tables = []
+    for f in files:
+        try:
+            names = pq.read_schema(f, filesystem=fs).names
+            duplicated = sorted({n for n in names if names.count(n) > 1})
+            if duplicated:
+                raise InputError(f"{f}: duplicate column name(s) {duplicated}; each column must appear once")
+            tables.append(pq.read_table(f, columns=columns, filesystem=fs))
+        except (pa.ArrowInvalid, KeyError) as e:
+            raise InputError(f"{f}: cannot read Parquet: {e}") from e
     if len(tables) == 1:
         return tables[0]
     return pa.concat_tables(tables, promote_options="permissive")

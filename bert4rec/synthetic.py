@@ -350,7 +350,9 @@ def generate(
     if chunk_users < 1:
         raise ValueError(f"chunk_users must be >= 1, got {chunk_users}")
     fs, path = bio.filesystem(out, storage)
-    bio._call(out, lambda: fs.makedirs(path, exist_ok=True))
+    if bio.storage_call(out, lambda: fs.isfile(path)):
+        raise bio.InputError(f"--out {out}: is a file; generate writes a directory of part-*.parquet files")
+    bio.storage_call(out, lambda: fs.makedirs(path, exist_ok=True))
     cat = _build_catalogue(seed, items)
     join = posixpath.join if bio.is_s3(out) else os.path.join
     interactions = 0
