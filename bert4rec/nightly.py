@@ -37,7 +37,7 @@ from bert4rec import checkpoint as ckpt_lib
 from bert4rec.config import EvaluateConfig, NightlyConfig, PrepareConfig, ScoreConfig, TrainConfig
 from bert4rec.console import stage
 from bert4rec.io import InputError, Location, join, locate
-from bert4rec.latest import advance_latest, read_latest
+from bert4rec.latest import advance_latest, partition_date, read_latest
 from bert4rec.locks import lock
 from bert4rec.publish import read_manifest
 from bert4rec.report import format_timings, operations_report, write_report
@@ -75,14 +75,35 @@ def _terminate_gracefully() -> None:
         pass
 
 
-def previous_model(root: str | Location, storage=None) -> dict | None:
-    """The manifest of the table ``latest`` points to, or None on the first night."""
+def previous_model(root: str | Location, before: dt.date | None = None, storage=None) -> dict | None:
+    """The manifest of the newest published table dated before ``before`` (the run date), with
+    its ``path``: on an ordinary night the one ``latest`` points to; on a rerun of latest's own
+    date or a backfill, the newest published ``dt=`` before the run date, so that a night is
+    never warm-started from, or gated against, a model trained on its own or later data. None
+    when there is none (the first night)."""
     root = locate(root, storage)
     pointer = read_latest(root)
-    if pointer is None:
+    if pointer is not None and (before is None or partition_date(pointer["path"]) < before):
+        manifest = read_manifest(root.join(pointer["path"]))
+        return {**manifest, "path": pointer["path"]} if manifest else None
+    if before is None:
         return None
-    manifest = read_manifest(root.join(pointer["path"]))
-    return {**(manifest or {}), "path": pointer["path"]} if manifest else None
+    names = [c["name"] for c in root.children() if c.get("type") == "directory"]
+    for name in sorted((n for n in names if (d := partition_date(n)) is not None and d < before), reverse=True):
+        manifest = read_manifest(root.join(name))
+        if manifest:
+            return {**manifest, "path": name}
+    return None
+
+
+def served_checkpoint(previous: dict, work_root: Location) -> str | None:
+    """The checkpoint URI that a published manifest names, if it lies where this flow writes
+    its training runs (``<work>/dt=YYYY-MM-DD/...``, no ``..``); None otherwise. A manifest is
+    read from storage and untrusted: a path elsewhere is never loaded."""
+    uri = previous.get("checkpoint")
+    if not isinstance(uri, str) or ".." in uri.replace("\\", "/").split("/"):
+        return None
+    return uri if night_of(uri, work_root) else None
 
 
 def run_date(requested: dt.date | None, today: dt.date) -> dt.date:
@@ -111,7 +132,7 @@ def nightly(cfg: NightlyConfig) -> dict:
     work_root = locate(cfg.work or join(cfg.out, "_work"), cfg.storage)
     owner = f"nightly {part} {socket.gethostname()}:{os.getpid()} {uuid.uuid4().hex[:8]}"
     with lock(root.join("_locks", f"{part}.lock"), owner, stale_after_s=cfg.lock_stale_after_s):
-        report = _run(cfg, date, part, root.join(part).uri, work_root.join(part).uri, root)
+        report = _run(cfg, date, part, root.join(part).uri, work_root.join(part).uri, root, work_root)
         with stage("publish", report["timings"]):
             moved, pointer = advance_latest(root, part, owner)
         report["latest"] = latest_status(moved, pointer, part)
@@ -142,22 +163,26 @@ def prune_after_night(root: Location, work_root: Location, part: str, keep_night
     return pruned
 
 
-def _run(cfg: NightlyConfig, date: dt.date, part: str, table_uri: str, work: str, root: Location) -> dict:
+def _run(cfg: NightlyConfig, date: dt.date, part: str, table_uri: str, work: str, root: Location, work_root: Location) -> dict:
     from bert4rec.evaluate import evaluate
     from bert4rec.prepare import prepare
     from bert4rec.score import score
     from bert4rec.train import train
 
     timings: dict[str, float] = {}
-    previous = previous_model(root)
+    previous = previous_model(root, before=date)
 
     prepared_uri = join(work, "prepared")
     with stage("prepare", timings):
         prepared = prepare(PrepareConfig(interactions=cfg.interactions, out=prepared_uri, until=date, storage=cfg.storage, **cfg.prepare.model_dump()))
 
     init_from, warm = None, "never"
-    if cfg.warm_start == "auto" and previous and previous.get("checkpoint"):
-        prev_ckpt = ckpt_lib.load(previous["checkpoint"], cfg.storage)
+    prev_uri = served_checkpoint(previous, work_root) if previous else None
+    if cfg.warm_start == "auto" and previous and not prev_uri:
+        warm = f"from scratch: the checkpoint named by {previous['path']}/_SUCCESS is not under {work_root.uri}; not loaded"
+        log.warning("%s: %s", part, warm)
+    elif cfg.warm_start == "auto" and previous:
+        prev_ckpt = ckpt_lib.load(prev_uri, cfg.storage)
         ours = cfg.train.model.model_dump(exclude={"num_items"})
         theirs = prev_ckpt.model.config.model_dump(exclude={"num_items"})
         if ours == theirs:

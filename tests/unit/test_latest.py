@@ -199,3 +199,30 @@ def test_a_future_date_is_refused_by_the_config_and_the_cli(capsys):
         f"bert4rec nightly: error: invalid config: field 'date': Value error, {tomorrow.isoformat()} is in the future "
         f"(today is {today.isoformat()} UTC); run a date up to today (got '{tomorrow.isoformat()}')"
     ]
+
+
+def test_previous_model_is_the_newest_published_before_the_run_date(tmp_path):
+    from bert4rec.nightly import previous_model
+
+    root = str(tmp_path / "nightly")
+    for day, run in (("2026-01-01", "a"), ("2026-01-03", "b")):
+        staging = staging_dir(f"{root}/dt={day}", f"20260101T000000-{run * 8}")
+        os.makedirs(staging, exist_ok=True)
+        pq.write_table(pa.table({"user_id": [1]}), os.path.join(staging, "block-0.parquet"))
+        publish(f"{root}/dt={day}", staging, {"checkpoint": f"ck-{day}"})
+    write_latest(root, "dt=2026-01-03")
+    assert previous_model(root, before=dt.date(2026, 1, 4))["path"] == "dt=2026-01-03"  # an ordinary night
+    assert previous_model(root, before=dt.date(2026, 1, 3))["path"] == "dt=2026-01-01"  # a rerun of latest's date
+    assert previous_model(root, before=dt.date(2026, 1, 2))["path"] == "dt=2026-01-01"  # a backfill
+    assert previous_model(root, before=dt.date(2026, 1, 1)) is None
+
+
+def test_a_published_checkpoint_outside_the_work_root_is_never_loaded(tmp_path):
+    from bert4rec.io import locate
+    from bert4rec.nightly import served_checkpoint
+
+    work = locate(str(tmp_path / "work"))
+    inside = str(tmp_path / "work" / "dt=2026-01-01" / "train" / "train" / "epoch-0001")
+    assert served_checkpoint({"checkpoint": inside}, work) == inside
+    for bad in (str(tmp_path / "elsewhere" / "ck"), "/etc", inside + "/../../../../victim", str(tmp_path / "work" / "_locks"), None, 7):
+        assert served_checkpoint({"checkpoint": bad}, work) is None, bad
