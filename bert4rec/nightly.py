@@ -76,8 +76,9 @@ def previous_model(out: str, storage) -> dict | None:
     return {**(manifest or {}), "path": pointer["path"]} if manifest else None
 
 
-def nightly(cfg: NightlyConfig) -> dict:
-    """Runs one night for ``cfg.date`` (default: today, UTC); returns the report."""
+def nightly(cfg: NightlyConfig, scorer_cls: type | None = None) -> dict:
+    """Runs one night for ``cfg.date`` (default: today, UTC); returns the report.
+    ``scorer_cls``: the scoring actor class, as :func:`bert4rec.score.score` takes it."""
     _terminate_gracefully()
     date = cfg.date or dt.datetime.now(dt.timezone.utc).date()
     part = f"dt={date.isoformat()}"
@@ -85,10 +86,10 @@ def nightly(cfg: NightlyConfig) -> dict:
     work = join(cfg.work or join(cfg.out, "_work"), part)
     owner = f"nightly {part} {socket.gethostname()}:{os.getpid()} {uuid.uuid4().hex[:8]}"
     with publish.lock(join(cfg.out, "_locks", f"{part}.lock"), owner, cfg.storage, cfg.lock_stale_after_s):
-        return _run(cfg, date, part, table_uri, work)
+        return _run(cfg, date, part, table_uri, work, scorer_cls)
 
 
-def _run(cfg: NightlyConfig, date: dt.date, part: str, table_uri: str, work: str) -> dict:
+def _run(cfg: NightlyConfig, date: dt.date, part: str, table_uri: str, work: str, scorer_cls: type | None) -> dict:
     from bert4rec.evaluate import evaluate
     from bert4rec.prepare import prepare
     from bert4rec.score import score
@@ -157,6 +158,7 @@ def _run(cfg: NightlyConfig, date: dt.date, part: str, table_uri: str, work: str
             **cfg.score.model_dump(),
         ),
         manifest_extra={"date": date.isoformat(), "val_ndcg@10": new_ndcg, "test_ndcg@10": test["ndcg@10"]},
+        **({"scorer_cls": scorer_cls} if scorer_cls is not None else {}),
     )
     timings["score_s"] = time.time() - t
     report["status"] = "published"
