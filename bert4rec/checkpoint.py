@@ -18,7 +18,9 @@ import hashlib
 import io as _io
 import json
 import os
+import pickle
 import posixpath
+import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -177,8 +179,14 @@ def _tensors(uri: str, name: str, raw: bytes, map_location: str) -> dict:
     code) is refused, as is a truncated or corrupt file."""
     try:
         obj = torch.load(_io.BytesIO(raw), map_location=map_location, weights_only=True)
-    except Exception as e:  # noqa: BLE001 - pickle, zip and torch raise many types for a bad file
-        raise InputError(f"checkpoint {uri}: {name} refused or unreadable as plain tensors ({type(e).__name__}: {_first_line(e)})") from None
+    except pickle.UnpicklingError as e:
+        # torch's message is a paragraph that suggests weights_only=False; keep the one line
+        # that says what the file holds
+        found = re.search(r"Unsupported global: GLOBAL (\S+)", str(e))
+        what = f"it pickles {found.group(1)}" if found else _first_line(e)
+        raise InputError(f"checkpoint {uri}: {name} refused: not plain tensors, loading it could run code ({what})") from None
+    except Exception as e:  # noqa: BLE001 - zip, pickle and torch raise many types for a damaged file
+        raise InputError(f"checkpoint {uri}: {name} is damaged or not a torch file ({type(e).__name__}: {_first_line(e)})") from None
     if not isinstance(obj, dict):
         raise InputError(f"checkpoint {uri}: {name} must hold a dict, found {type(obj).__name__}")
     return obj
