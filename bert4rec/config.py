@@ -118,7 +118,6 @@ class TrainSettings(Strict):
     )
     patience: int | None = Field(None, gt=0, description="stop after this many epochs without a better val NDCG@10")
     cache_dataset: bool = Field(True, description="materialise training sequences once instead of re-reading per epoch")
-    fail_after_epoch: int | None = Field(None, description="testing aid: a worker raises after this epoch's checkpoint, once")
     model: BERT4RecConfig = BERT4RecConfig()
 
 
@@ -161,14 +160,6 @@ class ScoreSettings(Strict):
         gt=0,
         description="users per output Parquet file, at least (the last file may hold fewer); blocks of batch_size users are joined to reach it",
     )
-    fail_on_batch: int | None = Field(None, description="testing aid: a scoring actor exits on this batch, once")
-    fail_marker: str | None = Field(None, description="testing aid: file marking the injected failure as done")
-
-    @model_validator(mode="after")
-    def _failure_needs_marker(self) -> "ScoreSettings":
-        if self.fail_on_batch is not None and not self.fail_marker:
-            raise ValueError("fail_on_batch needs fail_marker (a file path that marks the failure as done)")
-        return self
 
 
 class ScoreConfig(ScoreSettings):

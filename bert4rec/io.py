@@ -106,10 +106,6 @@ def storage_call(uri: str, fn):
         raise
 
 
-# Temporary alias: modules outside the publishing code still import the old name.
-_call = storage_call
-
-
 def check_plain_name(name: Any, source: str) -> str:
     """``name`` if it is a plain file name (a string with no ``/`` or ``\\``, no ``..``, not
     starting with ``.``), else an ``InputError`` naming ``source`` (the file it was read from).

@@ -122,8 +122,9 @@ def latest_status(moved: bool, pointer: dict, part: str) -> str:
     return f"unchanged: points to {pointer['path']} (newer)"
 
 
-def nightly(cfg: NightlyConfig) -> dict:
-    """Runs one night for ``cfg.date`` (default: today, UTC); returns the report."""
+def nightly(cfg: NightlyConfig, scorer_cls: type | None = None) -> dict:
+    """Runs one night for ``cfg.date`` (default: today, UTC); returns the report.
+    ``scorer_cls``: the scoring actor class, as :func:`bert4rec.score.score` takes it."""
     date = run_date(cfg.date, dt.datetime.now(dt.timezone.utc).date())
     _terminate_gracefully()
     part = f"dt={date.isoformat()}"
@@ -132,7 +133,7 @@ def nightly(cfg: NightlyConfig) -> dict:
     work_root = locate(cfg.work or join(cfg.out, "_work"), cfg.storage)
     owner = f"nightly {part} {socket.gethostname()}:{os.getpid()} {uuid.uuid4().hex[:8]}"
     with lock(root.join("_locks", f"{part}.lock"), owner, stale_after_s=cfg.lock_stale_after_s):
-        report = _run(cfg, date, part, root.join(part).uri, work_root.join(part).uri, root, work_root)
+        report = _run(cfg, date, part, root.join(part).uri, work_root.join(part).uri, root, work_root, scorer_cls)
         with stage("publish", report["timings"]):
             moved, pointer = advance_latest(root, part, owner)
         report["latest"] = latest_status(moved, pointer, part)
@@ -163,7 +164,7 @@ def prune_after_night(root: Location, work_root: Location, part: str, keep_night
     return pruned
 
 
-def _run(cfg: NightlyConfig, date: dt.date, part: str, table_uri: str, work: str, root: Location, work_root: Location) -> dict:
+def _run(cfg: NightlyConfig, date: dt.date, part: str, table_uri: str, work: str, root: Location, work_root: Location, scorer_cls: type | None) -> dict:
     from bert4rec.evaluate import evaluate
     from bert4rec.prepare import prepare
     from bert4rec.score import score
@@ -234,6 +235,7 @@ def _run(cfg: NightlyConfig, date: dt.date, part: str, table_uri: str, work: str
                 **cfg.score.model_dump(),
             ),
             manifest_extra={"date": date.isoformat(), "val_ndcg@10": new_ndcg, "test_ndcg@10": test["ndcg@10"]},
+            **({"scorer_cls": scorer_cls} if scorer_cls is not None else {}),
         )
     report["status"] = "published"
     report["table"] = {"path": part, **{k: scored[k] for k in ("rows", "input_users", "fallback_users", "unknown_items", "run_id", "model_version")}}

@@ -215,8 +215,6 @@ class Scorer:
         global_exclude: np.ndarray,
         titles: np.ndarray | None,
         generated_at: dt.datetime,
-        fail_on_batch: int | None = None,
-        fail_marker: str | None = None,
         threads: int | None = None,
     ):
         if threads is not None:
@@ -232,14 +230,9 @@ class Scorer:
         self.global_exclude = torch.tensor(np.array(global_exclude), dtype=torch.int64, device=self.device)
         self.k, self.item_chunk_size, self.titles, self.generated_at = k, item_chunk_size, titles, generated_at
         self.autocast_dtype = torch.bfloat16 if use_gpu else None
-        self.fail_on_batch, self.fail_marker, self.batches = fail_on_batch, fail_marker, 0
         self.board = console.board()  # the driver's progress counter, when it has one
 
     def __call__(self, batch: pa.Table) -> pa.Table:
-        self.batches += 1
-        if self.fail_on_batch == self.batches and self.fail_marker and not os.path.exists(self.fail_marker):
-            open(self.fail_marker, "w").close()
-            os._exit(1)  # a hard crash of the actor process, as a lost node would look
         dev = self.device
         seen_flat, seen_offsets = data.list_column(batch, "seen")
         seen = data.pad_seen(np.split(seen_flat, seen_offsets[1:-1]))
@@ -345,9 +338,11 @@ def _read_titles(uri: str | None, storage: StorageConfig, vocab_ids: np.ndarray)
     return titles
 
 
-def score(cfg: ScoreConfig, manifest_extra: dict | None = None) -> dict:
+def score(cfg: ScoreConfig, manifest_extra: dict | None = None, scorer_cls: type[Scorer] = Scorer) -> dict:
     """Scores every user of ``cfg.histories`` and publishes the table at ``cfg.out``;
-    ``manifest_extra`` is added to its manifest."""
+    ``manifest_extra`` is added to its manifest. ``scorer_cls`` is the actor class: ``Scorer``
+    or a subclass taking the same arguments (to count or log batches, say); it travels to
+    the actors pickled."""
 
     timings: dict[str, float] = {}
     t0 = time.time()
@@ -369,10 +364,10 @@ def score(cfg: ScoreConfig, manifest_extra: dict | None = None) -> dict:
     # one writer per output: a second run of the same --out waits for nothing and fails fast
     owner = f"score {socket.gethostname()}:{os.getpid()} {uuid.uuid4().hex[:8]}"
     with locks.lock(join(cfg.out, "_lock"), owner, cfg.storage):
-        return _score_and_publish(cfg, loaded, users, has_ratings, global_exclude, ex_users, ex_tokens, titles, timings, t0, manifest_extra)
+        return _score_and_publish(cfg, loaded, users, has_ratings, global_exclude, ex_users, ex_tokens, titles, timings, t0, manifest_extra, scorer_cls)
 
 
-def _score_and_publish(cfg, loaded, users, has_ratings, global_exclude, ex_users, ex_tokens, titles, timings, t0, manifest_extra) -> dict:
+def _score_and_publish(cfg, loaded, users, has_ratings, global_exclude, ex_users, ex_tokens, titles, timings, t0, manifest_extra, scorer_cls) -> dict:
     import ray
     import ray.data
 
@@ -408,7 +403,7 @@ def _score_and_publish(cfg, loaded, users, has_ratings, global_exclude, ex_users
         },
     )
     ds = ds.map_batches(
-        Scorer,
+        scorer_cls,
         fn_constructor_kwargs={
             "checkpoint_uri": loaded.uri,
             "storage": cfg.storage,
@@ -418,8 +413,6 @@ def _score_and_publish(cfg, loaded, users, has_ratings, global_exclude, ex_users
             "global_exclude": global_exclude,
             "titles": titles,
             "generated_at": generated_at,
-            "fail_on_batch": cfg.fail_on_batch,
-            "fail_marker": cfg.fail_marker,
             "threads": cfg.threads_per_actor,
         },
         batch_size=cfg.batch_size,

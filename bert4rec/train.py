@@ -16,6 +16,9 @@ import json
 import math
 import tempfile
 import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Protocol
 
 import numpy as np
 import pyarrow as pa
@@ -25,7 +28,7 @@ import torch
 from bert4rec import checkpoint as ckpt_lib
 from bert4rec import console
 from bert4rec import data
-from bert4rec.config import TrainConfig
+from bert4rec.config import TrainConfig, TrainSettings
 from bert4rec.io import InputError, arrow_filesystem, filesystem, join, parquet_files, read_json, read_parquet, write_json
 from bert4rec.metrics import EvalSet, make_eval_set, model_ranks, popularity, popularity_ranks
 from bert4rec.model import BERT4Rec, BERT4RecConfig, cloze_loss
@@ -86,7 +89,9 @@ class WarmupCosine:
     (which a time budget moves, see ``budget_horizon``) across a resume."""
 
     def __init__(self, warmup_steps: int, total_steps: int, min_ratio: float):
-        self.warmup_steps, self.total_steps, self.min_ratio = warmup_steps, total_steps, min_ratio
+        # plain ints and floats only: the checkpoint is read back with weights_only=True,
+        # which refuses anything else (a numpy integer, say) in LambdaLR's state_dict
+        self.warmup_steps, self.total_steps, self.min_ratio = int(warmup_steps), int(total_steps), float(min_ratio)
 
     def __call__(self, step: int) -> float:
         if step < self.warmup_steps:
@@ -104,6 +109,64 @@ def budget_horizon(epoch: int, epochs_run: int, elapsed_s: float, budget_s: floa
         return epoch
     per_epoch = elapsed_s / max(1, epochs_run)
     return min(max_epochs, epoch + max(1, math.ceil(remaining / max(per_epoch, 1e-9))))
+
+
+@dataclass(frozen=True)
+class RunState:
+    """What a run carries across a rerun or a worker restart, from its latest checkpoint."""
+
+    next_epoch: int = 1
+    history: list = field(default_factory=list)
+    attempts: list = field(default_factory=list)
+    since_best: int = 0  # epochs since the best validation NDCG@10 (patience)
+    train_time_s: float = 0.0  # training time spent by every attempt so far (time budget)
+    stopped: str | None = None  # why the run ended (STOP_REASONS); None while it may go on
+
+
+STOP_REASONS = ("patience", "time_budget", "epochs")
+
+
+def run_state(metadata: dict | None, where: str = "checkpoint metadata") -> RunState:
+    """The state a run resumes with, from its latest checkpoint's metadata (None: a new run).
+    Checkpoints written before ``since_best`` was stored get it from their history."""
+    if metadata is None:
+        return RunState()
+    history = list(metadata.get("history", []))
+    since_best = metadata.get("since_best")
+    if since_best is None:
+        scores = [h["val_ndcg@10"] for h in history]
+        since_best = len(scores) - 1 - max(range(len(scores)), key=lambda i: (scores[i], -i)) if scores else 0
+    stopped = metadata.get("stopped")
+    if stopped is not None and stopped not in STOP_REASONS:
+        raise InputError(f"{where}: 'stopped' must be one of {STOP_REASONS} or null, found {stopped!r}")
+    return RunState(
+        next_epoch=metadata["epoch"] + 1,
+        history=history,
+        attempts=list(metadata.get("attempts", [])),
+        since_best=int(since_best),
+        train_time_s=float(metadata.get("train_time_s", 0.0)),
+        stopped=stopped,
+    )
+
+
+def stop_reason(epoch: int, since_best: int, train_time_s: float, cfg: TrainSettings) -> str | None:
+    """Why training ends after ``epoch`` (one of STOP_REASONS), or None to go on."""
+    if cfg.patience is not None and since_best >= cfg.patience:
+        return "patience"
+    if cfg.time_budget_s is not None and train_time_s >= cfg.time_budget_s:
+        return "time_budget"
+    if epoch >= cfg.epochs:
+        return "epochs"
+    return None
+
+
+class EpochCallback(Protocol):
+    """An extension point of :func:`train`, like a Lightning callback: ``on_epoch_end`` runs
+    on every worker after each epoch's checkpoint is reported (to send metrics elsewhere,
+    say). An exception fails the worker group, which Ray Train restarts from that checkpoint
+    up to ``max_failures`` times. Callbacks travel to the workers pickled."""
+
+    def on_epoch_end(self, epoch: int, metrics: dict, rank: int) -> None: ...
 
 
 def train_epoch(model, batches, optimizer, scheduler, cfg: TrainConfig, mask_token: int, generator: torch.Generator, device, autocast_dtype) -> tuple[float, int]:
@@ -170,20 +233,21 @@ def train_loop_per_worker(loop_config: dict) -> None:
 
     torch.manual_seed(cfg.seed)
     model = BERT4Rec(model_cfg)
-    start_epoch, history, attempts, state = 1, [], [], None
+    run, state, warm = RunState(), None, None
     resume = ray.train.get_checkpoint()
-    warm = None
     if resume is not None:
         with resume.as_directory() as d:
             loaded = ckpt_lib.load(d, with_optimizer=True)
+        run = run_state(loaded.metadata)
+        if run.stopped:
+            return  # the run had ended (a restart after its last checkpoint): nothing to train
         model.load_state_dict(loaded.model.state_dict())
-        start_epoch = loaded.metadata["epoch"] + 1
-        history, attempts = loaded.metadata["history"], loaded.metadata["attempts"]
         state = loaded.optimizer_state
         warm = loaded.metadata.get("warm_start")
     elif loop_config.get("init_from"):
         warm = ckpt_lib.warm_start(model, vocab, ckpt_lib.load(loop_config["init_from"], cfg.storage))
-    attempts = attempts + [start_epoch]
+    start_epoch, history, since_best = run.next_epoch, run.history, run.since_best
+    attempts = run.attempts + [start_epoch]
 
     model = ray.train.torch.prepare_model(model)
     core = model.module if hasattr(model, "module") else model
@@ -202,8 +266,9 @@ def train_loop_per_worker(loop_config: dict) -> None:
 
     shard = ray.train.get_dataset_shard("train")
     best = max((h["val_ndcg@10"] for h in history), default=float("-inf"))
-    since_best = 0
-    loop_start = time.time()
+    # the time budget covers every attempt: a rerun or a restarted worker group goes on
+    # from the time its checkpoint recorded
+    loop_start = time.time() - run.train_time_s
     for epoch in range(start_epoch, cfg.epochs + 1):
         t0 = time.time()
         gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + epoch * 1_009 + rank)
@@ -240,13 +305,22 @@ def train_loop_per_worker(loop_config: dict) -> None:
         }
         history = history + [metrics]
         run_s = totals[6].item() / world  # training time so far, all-reduced: the same on every rank
+        if metrics["val_ndcg@10"] > best:
+            best, since_best = metrics["val_ndcg@10"], 0
+        else:
+            since_best += 1
+        stopped = stop_reason(epoch, since_best, run_s, cfg)
+        if stopped is None and cfg.time_budget_s is not None:
+            # every rank sees the same elapsed time, so all of them move the schedule's end
+            # alike; before the save, so that a resume continues on the same schedule
+            schedule.total_steps = int(budget_horizon(epoch, epoch, run_s, cfg.time_budget_s, cfg.epochs) * steps)
         if rank == 0:
             # one progress line per epoch on the driver's console (workers' own output stays in
             # Ray's log files unless --verbose)
             console.say(
                 f"epoch {epoch}/{cfg.epochs}: loss {metrics['loss']:.4f}  val ndcg@10 {metrics['val_ndcg@10']:.4f}  "
                 f"hr@10 {metrics['val_hr@10']:.4f}  lr {metrics['lr']:.2e}  {metrics['epoch_s']:.1f}s "
-                f"({run_s:.0f}s since start)"
+                f"({run_s:.0f}s since start)" + (f"; stopping ({stopped})" if stopped and stopped != "epochs" else "")
             )
         with tempfile.TemporaryDirectory() as tmp:
             checkpoint = None
@@ -260,6 +334,10 @@ def train_loop_per_worker(loop_config: dict) -> None:
                         "metrics": metrics,
                         "history": history,
                         "attempts": attempts,
+                        "since_best": since_best,
+                        "train_time_s": run_s,
+                        "stopped": stopped,
+                        "train_rows": loop_config["train_rows"],
                         "warm_start": warm,
                         "val_popularity": loop_config["val_popularity"],
                         "data": cfg.data,
@@ -269,20 +347,10 @@ def train_loop_per_worker(loop_config: dict) -> None:
                 )
                 checkpoint = ray.train.Checkpoint.from_directory(tmp)
             ray.train.report(metrics, checkpoint=checkpoint, checkpoint_dir_name=f"epoch-{epoch:04d}")
-        if cfg.fail_after_epoch == epoch and start_epoch <= epoch and rank == 0:
-            raise RuntimeError(f"injected failure after epoch {epoch} (fail_after_epoch)")
-        if metrics["val_ndcg@10"] > best:
-            best, since_best = metrics["val_ndcg@10"], 0
-        else:
-            since_best += 1
-        if cfg.patience is not None and since_best >= cfg.patience:
+        for callback in loop_config["callbacks"]:
+            callback.on_epoch_end(epoch, metrics, rank)
+        if stopped:
             break
-        # every rank sees the same elapsed time, so all of them stop together and move the
-        # schedule's end alike
-        if cfg.time_budget_s is not None:
-            if run_s >= cfg.time_budget_s:
-                break
-            schedule.total_steps = budget_horizon(epoch, epoch - start_epoch + 1, run_s, cfg.time_budget_s, cfg.epochs) * steps
 
 
 # ---------------------------------------------------------------- driver
@@ -311,16 +379,28 @@ def read_prepared(cfg_data: str, storage, max_users: int | None = None) -> tuple
     return vocab, histories
 
 
-def train(cfg: TrainConfig) -> dict:
-    """Runs (or resumes) a training run under ``cfg.out``; returns its summary."""
+def train(cfg: TrainConfig, callbacks: Sequence[EpochCallback] = ()) -> dict:
+    """Runs (or resumes) a training run under ``cfg.out``; returns its summary.
+
+    A run that has ended (all epochs, ``patience`` or ``time_budget_s``) is not trained again:
+    a rerun returns its summary. ``callbacks``: see :class:`EpochCallback`."""
     import ray
     import ray.data
     import ray.train
     from ray.train.torch import TorchTrainer
 
+    t0 = time.time()
     # a bounded sample of users for per-epoch validation; sampled with a fixed seed
     vocab, sample = read_prepared(cfg.data, cfg.storage, max_users=cfg.max_eval_users * 4)
     model_cfg = cfg.model.model_copy(update={"num_items": len(vocab)})
+    if model_cfg.use_ratings and "ratings" not in sample.column_names:
+        # caught here, on the driver: the workers would each fail inside DDP instead
+        raise InputError(f"model.use_ratings is true, but the histories at {join(cfg.data, 'histories')} have no 'ratings' column; set model.use_ratings: false or prepare data with ratings")
+    latest = latest_metadata(cfg)
+    if latest is not None and run_state(latest, join(cfg.out, RUN_NAME)).stopped and "train_rows" in latest and isinstance(latest.get("val_popularity"), dict):
+        # the run has ended: no workers to start (they would load the checkpoint and stop)
+        return _summary(cfg, latest["val_popularity"], latest["train_rows"], t0)
+
     vocab_ids = vocab["item_id"].to_numpy()
     val_set = make_eval_set(sample, vocab_ids, "val", model_cfg.max_len, model_cfg.mask_token, model_cfg.use_ratings, cfg.max_eval_users, cfg.seed)
     pop = popularity(val_set, len(vocab))
@@ -351,8 +431,10 @@ def train(cfg: TrainConfig) -> dict:
             "vocab_ref": ray.put(vocab),
             "val_ref": ray.put(val_set),
             "val_popularity": val_popularity,
+            "train_rows": train_rows,
             "steps_per_epoch": steps_per_epoch,
             "init_from": cfg.init_from,
+            "callbacks": list(callbacks),
         },
         scaling_config=ray.train.ScalingConfig(
             num_workers=cfg.workers,
@@ -372,11 +454,30 @@ def train(cfg: TrainConfig) -> dict:
         ),
         datasets={"train": ds},
     )
-    t0 = time.time()
     trainer.fit()
+    return _summary(cfg, val_popularity, train_rows, t0)
+
+
+def latest_metadata(cfg: TrainConfig) -> dict | None:
+    """The metadata of the run's latest checkpoint (the one a resume starts from), checked;
+    None before the first one."""
+    fs, path = filesystem(join(cfg.out, RUN_NAME), cfg.storage)
+    found = sorted(fs.glob(path + "/epoch-*/metadata.json"))
+    if not found:
+        return None
+    where = found[-1]
+    try:
+        meta = json.loads(fs.cat_file(where))
+    except (ValueError, UnicodeDecodeError) as e:
+        raise InputError(f"{where}: not valid JSON ({e})") from e
+    return ckpt_lib.check_metadata(meta, where)
+
+
+def _summary(cfg: TrainConfig, val_popularity: dict, train_rows: int, t0: float) -> dict:
     best_uri = ckpt_lib.resolve(cfg.out, cfg.storage)
     # the summary needs the metadata only, not the weights
-    best = read_json(join(best_uri, "metadata.json"), cfg.storage)
+    best = ckpt_lib.check_metadata(read_json(join(best_uri, "metadata.json"), cfg.storage), join(best_uri, "metadata.json"))
+    latest = latest_metadata(cfg)
     summary = {
         "out": cfg.out,
         "best_checkpoint": best_uri,
@@ -384,18 +485,11 @@ def train(cfg: TrainConfig) -> dict:
         "best_metrics": best["metrics"],
         "val_popularity": val_popularity,
         "model_version": best["model_version"],
-        "history": _history(cfg, best),
+        # the latest checkpoint's history extends every earlier one
+        "history": (latest or best).get("history", []),
+        "stopped": (latest or best).get("stopped"),
         "train_sequences": train_rows,
         "wall_s": round(time.time() - t0, 2),
     }
     write_json(summary, join(cfg.out, "summary.json"), cfg.storage)
     return summary
-
-
-def _history(cfg: TrainConfig, best: dict) -> list[dict]:
-    """The per-epoch history of the run's latest checkpoint (it extends every earlier one)."""
-    fs, path = filesystem(join(cfg.out, RUN_NAME), cfg.storage)
-    latest = sorted(fs.glob(path + "/epoch-*/metadata.json"))
-    if not latest:
-        return best["history"]
-    return json.loads(fs.cat_file(latest[-1]))["history"]

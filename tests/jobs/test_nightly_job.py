@@ -10,8 +10,9 @@ One head node and one data set for the module; the nights build on each other:
 
 Sharing the stopped run with the two-nights case saves a whole training run: the rerun is the
 second night, and it must warm-start from night 1 all the same. The stopped run's scoring is
-kept open a few seconds longer by a scoring actor that dies once (``fail_on_batch``; not the
-kill -- the kill is ``ray job stop``). If the stopped run released its lock (the usual case:
+kept open a few seconds longer by a scoring actor that dies once (that run is submitted as
+``tests/jobs/faulty_nightly.py``, which passes such an actor class to the nightly flow; not
+the kill -- the kill is ``ray job stop``). If the stopped run released its lock (the usual case:
 SIGTERM -> SystemExit), the rerun meets the lock a SIGKILLed run would have left instead.
 
 Module time is ~5-6 min on a busy 2-core machine, nearly all of it Ray start-up and training
@@ -100,17 +101,18 @@ def data(tmp_path_factory) -> dict:
     }
     nightly_yaml = root / "nightly.yaml"
     nightly_yaml.write_text(yaml.safe_dump(config))
-    # the run that gets stopped: its first scoring actor dies on its first batch and is
-    # restarted (once: the marker file), which keeps the scoring stage open a few seconds
-    # longer than `ray job stop` needs to land in it, on a busy machine too
-    killed = {**config, "score": {**config["score"], "fail_on_batch": 1, "fail_marker": str(marker)}}
-    killed_yaml = root / "nightly-killed.yaml"
-    killed_yaml.write_text(yaml.safe_dump(killed))
-    return {"root": root, "out": str(out), "yaml": str(nightly_yaml), "killed_yaml": str(killed_yaml), "config": config, "new_items": new_items}
+    return {"root": root, "out": str(out), "yaml": str(nightly_yaml), "marker": str(marker), "config": config, "new_items": new_items}
 
 
 def nightly_args(data: dict, date: str, yaml_path: str | None = None, *extra: str) -> list[str]:
     return ["jobs/nightly.py", "--config", yaml_path or data["yaml"], "--date", date, *extra]
+
+
+def faulty_nightly_args(data: dict, date: str) -> list[str]:
+    """The run that gets stopped: the same night and config, but its first scoring actor dies
+    on its first batch and is restarted (once: the marker file), which keeps the scoring stage
+    open a few seconds longer than `ray job stop` needs to land in it, on a busy machine too."""
+    return ["tests/jobs/faulty_nightly.py", "--config", data["yaml"], "--date", date, "--fail-marker", data["marker"]]
 
 
 @pytest.fixture(scope="module")
@@ -127,7 +129,7 @@ def night1(ray_head, data) -> dict:
 def night2_killed(ray_head, data, night1) -> dict:
     """Night 2's first run, stopped with ``ray job stop`` once its log says it is scoring."""
     latest_before = read_bytes(os.path.join(data["out"], "latest"))
-    sid, result = ray_head.submit(nightly_args(data, DAY2, data["killed_yaml"]), wait=False, submission_id=f"nightly-{DAY2}-killed")
+    sid, result = ray_head.submit(faulty_nightly_args(data, DAY2), wait=False, submission_id=f"nightly-{DAY2}-killed")
     assert result.returncode == 0, job_failure(sid, result, ray_head)
     m = ray_head.wait_for_log(sid, rf"dt={DAY2}: scoring (\d+) users")
     stopped = ray_head.stop(sid)

@@ -14,7 +14,7 @@ from bert4rec import score as score_mod
 from bert4rec.config import ScoreConfig
 from bert4rec.io import InputError, read_parquet
 from bert4rec.publish import read_manifest, read_table
-from bert4rec.score import score
+from bert4rec.score import Scorer, score
 from tests.conftest import snapshot
 
 pytestmark = pytest.mark.ray
@@ -22,13 +22,31 @@ pytestmark = pytest.mark.ray
 K = 5
 
 
+def dies_once(marker: str, on_batch: int) -> type[Scorer]:
+    """A scorer whose process exits hard on its ``on_batch``-th batch, as a lost node would
+    look; once, for the whole run: ``marker`` is created first. Defined in a function, so
+    that Ray pickles the class (and ``marker``) by value for the actors."""
+
+    class DiesOnce(Scorer):
+        batches = 0
+
+        def __call__(self, batch: pa.Table) -> pa.Table:
+            self.batches += 1
+            if self.batches == on_batch and not os.path.exists(marker):
+                open(marker, "w").close()
+                os._exit(1)
+            return super().__call__(batch)
+
+    return DiesOnce
+
+
 @pytest.fixture(scope="module")
 def crashed_once(ray_session, trained_run, synthetic_data, tmp_path_factory):
     """A run whose scoring actor calls os._exit(1) on its second batch, once."""
     root = tmp_path_factory.mktemp("faults")
     out, marker = str(root / "recs"), str(root / "actor-died")
-    cfg = ScoreConfig(checkpoint=trained_run["out"], histories=synthetic_data["histories"], out=out, k=K, batch_size=64, fail_on_batch=2, fail_marker=marker)
-    return {"root": root, "out": out, "marker": marker, "result": score(cfg)}
+    cfg = ScoreConfig(checkpoint=trained_run["out"], histories=synthetic_data["histories"], out=out, k=K, batch_size=64)
+    return {"root": root, "out": out, "marker": marker, "result": score(cfg, scorer_cls=dies_once(marker, on_batch=2))}
 
 
 def test_a_dead_scoring_actor_is_replaced_and_the_table_is_complete(crashed_once, synthetic_data):

@@ -45,23 +45,59 @@ def _cfg(data, out, **kw):
     return TrainConfig(data=data, out=out, workers=2, model=TINY_MODEL, **{**TINY_TRAIN, "samples_per_epoch": 1, **kw})
 
 
-def test_interrupted_run_resumes_from_the_next_epoch(ray_session, synthetic_data, tmp_path):
+def fail_after_epoch(n: int):
+    """A training callback that fails rank 0 after epoch ``n``'s checkpoint is reported. Once
+    per run, as a resume never trains a checkpointed epoch again (if it did, it would fail
+    again and so would the test). Defined in a function, so that Ray pickles it by value
+    (pytest imports this file under a name the workers cannot import)."""
+
+    class FailAfterEpoch:
+        def on_epoch_end(self, epoch: int, metrics: dict, rank: int) -> None:
+            if epoch == n and rank == 0:
+                raise RuntimeError(f"injected failure after epoch {epoch}")
+
+    return FailAfterEpoch()
+
+
+def _metadata(out: str, epoch: int) -> dict:
+    with open(os.path.join(out, "train", f"epoch-{epoch:04d}", "metadata.json")) as f:
+        return json.load(f)
+
+
+def test_interrupted_run_resumes_from_the_next_epoch_and_a_finished_one_is_not_trained_again(ray_session, synthetic_data, tmp_path):
     out = str(tmp_path / "run")
     with pytest.raises(Exception, match="injected failure after epoch 1"):
-        train(_cfg(synthetic_data["prepared"], out, epochs=3, fail_after_epoch=1, max_failures=0))
+        train(_cfg(synthetic_data["prepared"], out, epochs=3, max_failures=0), callbacks=[fail_after_epoch(1)])
     assert sorted(d for d in os.listdir(os.path.join(out, "train")) if d.startswith("epoch-")) == ["epoch-0001"]
+    first = _metadata(out, 1)
+    assert first["stopped"] is None and first["since_best"] == 0 and first["train_time_s"] > 0
 
     summary = train(_cfg(synthetic_data["prepared"], out, epochs=3))
     assert [h["epoch"] for h in summary["history"]] == [1, 2, 3]
-    with open(os.path.join(out, "train", "epoch-0003", "metadata.json")) as f:
-        meta = json.load(f)
+    meta = _metadata(out, 3)
     # the first attempt started at epoch 1, the rerun at epoch 2: epoch 1 was not trained again
     assert meta["attempts"] == [1, 2]
+    assert meta["stopped"] == "epochs" and summary["stopped"] == "epochs"
+    # the rerun's training time goes on from the first attempt's, not from zero
+    second = _metadata(out, 2)
+    assert second["train_time_s"] >= first["train_time_s"] + second["metrics"]["train_s"]
+
+    # a rerun of the finished run trains nothing and answers with the same summary
+    again = train(_cfg(synthetic_data["prepared"], out, epochs=3))
+    assert {k: v for k, v in again.items() if k != "wall_s"} == {k: v for k, v in summary.items() if k != "wall_s"}
+    assert sorted(d for d in os.listdir(os.path.join(out, "train")) if d.startswith("epoch-")) == ["epoch-0001", "epoch-0002", "epoch-0003"]
+    assert _metadata(out, 3) == meta
 
 
-def test_failed_worker_group_restarts_from_the_latest_checkpoint(ray_session, synthetic_data, tmp_path):
+def test_a_restarted_worker_group_keeps_its_patience_count(ray_session, synthetic_data, tmp_path):
+    """A learning rate too small to move a float32 weight: every epoch's validation NDCG
+    equals the first's, so none improves on epoch 1 and patience 2 ends the run after epoch 3,
+    restart or not. The failure after epoch 2 restarts the group, which resumes at epoch 3
+    with one epoch of patience already used."""
     out = str(tmp_path / "run")
-    summary = train(_cfg(synthetic_data["prepared"], out, epochs=2, fail_after_epoch=1, max_failures=1))
-    assert [h["epoch"] for h in summary["history"]] == [1, 2]
-    with open(os.path.join(out, "train", "epoch-0002", "metadata.json")) as f:
-        assert json.load(f)["attempts"] == [1, 2]
+    summary = train(_cfg(synthetic_data["prepared"], out, epochs=5, lr=1e-12, patience=2, max_failures=1), callbacks=[fail_after_epoch(2)])
+    assert [h["epoch"] for h in summary["history"]] == [1, 2, 3]
+    assert len({h["val_ndcg@10"] for h in summary["history"]}) == 1
+    meta = _metadata(out, 3)
+    assert meta["attempts"] == [1, 3]
+    assert (meta["since_best"], meta["stopped"]) == (2, "patience") and summary["stopped"] == "patience"
