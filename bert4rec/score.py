@@ -315,8 +315,15 @@ def _read_exclusions(uri: str | None, storage: StorageConfig, vocab_ids: np.ndar
     if uri is None:
         return empty, None, None
     t = read_parquet(uri, storage)
-    if "item_id" not in t.column_names or not pa.types.is_integer(t.schema.field("item_id").type):
-        raise InputError(f"--exclude {uri}: expected an integer column 'item_id' (and optionally 'user_id'), found {t.schema}")
+    for name in ("item_id", "user_id"):
+        if name == "user_id" and name not in t.column_names:
+            continue
+        if name not in t.column_names or not pa.types.is_integer(t.schema.field(name).type):
+            found = t.schema.field(name).type if name in t.column_names else "no such column"
+            raise InputError(f"--exclude {uri}: column {name!r} must be integer ids (item_id, optionally with user_id), found {found}")
+        if t[name].null_count:
+            row = int(pc.index(pc.is_null(t[name]), True).as_py())
+            raise InputError(f"--exclude {uri}: column {name!r} has {t[name].null_count} null value(s), first at row {row}")
     tokens, known = data.to_tokens(t["item_id"].to_numpy(zero_copy_only=False), vocab_ids)
     if "user_id" not in t.column_names:
         return np.unique(tokens[known]), None, None

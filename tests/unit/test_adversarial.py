@@ -152,7 +152,10 @@ def env(base, tmp_path) -> dict:
     version = json.loads((tmp_path / "ckpt" / "metadata.json").read_text())["model_version"]
     extra = {"checkpoint": ckpt, "model_version": version, "val_ndcg@10": 0.1, "date": DATE}
     root = tmp_path / "nightly"
-    publish_table(str(root / PART), "20260101T000000-aaaaaaaa", extra)
+    # the model the nightly root serves lies where the flow writes its runs: <out>/_work/dt=.../
+    served = root / "_work" / PART / "train" / "train" / "epoch-0001"
+    shutil.copytree(tmp_path / "ckpt", served)
+    publish_table(str(root / PART), "20260101T000000-aaaaaaaa", {**extra, "checkpoint": str(served)})
     latest.write_latest(str(root), PART)
     publish_table(str(tmp_path / "scored"), "20260101T000000-bbbbbbbb", extra)
     victim = tmp_path / "victim"
@@ -164,6 +167,7 @@ def env(base, tmp_path) -> dict:
         "prepared": str(tmp_path / "prepared"),
         "histories": str(tmp_path / "prepared" / "histories"),
         "ckpt": ckpt,
+        "served": str(served),
         "root": str(root),
         "scored": str(tmp_path / "scored"),
         "victim": str(victim),
@@ -616,7 +620,7 @@ NIGHTLY_CASES = [
     ("latest-without-path", lambda env: _write_latest(env, {"date": DATE}), [r"latest", r"path"]),
     ("manifest-file-dotdot", lambda env: _manifest_update(env, files=["../../victim/secret.parquet"]), [e("_SUCCESS"), e("../../victim/secret.parquet")]),
     ("manifest-file-absolute", lambda env: _manifest_update(env, files=[env["victim"] + "/secret.parquet"]), [e("_SUCCESS"), "secret.parquet"]),
-    ("manifest-checkpoint-pickle-payload", lambda env: _evil_pickle(Path(env["ckpt"]) / "model.pt", env["marker"]), [e("model.pt")]),
+    ("manifest-checkpoint-pickle-payload", lambda env: _evil_pickle(Path(env["served"]) / "model.pt", env["marker"]), [e("model.pt")]),
     ("interactions-not-parquet", lambda env: (Path(env["raw"]) / "part-0.parquet").write_text("nope"), [e("part-0.parquet")]),
     ("interactions-null-item", lambda env: pq.write_table(_col(GOOD, "item_id", pa.array([None] + GOOD["item_id"].to_pylist()[1:], pa.int64())), Path(env["raw"]) / "part-0.parquet"), [r"'item_id'", r"row 0\b"]),
 ]
@@ -634,6 +638,19 @@ def test_nightly_refuses_untrusted_state(env, capsys, reads, craft, names):
     assert not outside, f"read outside the output root: {outside}"
     assert_intact(env, before)
     assert_refused(code, out, err, names)
+
+
+def test_nightly_never_loads_a_checkpoint_named_outside_its_work_root(env, capsys, caplog):
+    """A manifest naming a checkpoint elsewhere (here a crafted one) is not followed: the night
+    trains from scratch, says why, and never unpickles the file."""
+    _evil_pickle(Path(env["ckpt"]) / "model.pt", env["marker"])
+    _manifest_update(env, checkpoint=env["ckpt"])
+    before = published_state(env)
+    code, out, err = run_cli(capsys, ["nightly", "--config", yaml_file(env, nightly_config(env))])
+    assert not os.path.exists(env["marker"]), "unpickling a checkpoint named by the manifest ran code"
+    assert code == 1 and "in stage train: RayReached" in err, err  # went on to train from scratch
+    assert "not under" in caplog.text and "not loaded" in caplog.text
+    assert_intact(env, before)
 
 
 def test_nightly_refuses_while_the_date_is_locked(env, capsys):
