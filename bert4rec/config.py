@@ -142,7 +142,7 @@ class EvaluateConfig(Strict):
     max_users: int | None = Field(
         None,
         gt=0,
-        description="evaluate a deterministic sample of about this many users, chosen by a hash of user_id across all files (default: all users)",
+        description="evaluate a deterministic sample of about this many users, chosen by a hash of user_id across all files; none: every user",
     )
     batch_size: int = Field(256, gt=0, description="users per batch an evaluation actor ranks")
     actors: int = Field(1, gt=0, description="Ray Data actors that rank users, each loading the checkpoint once")
