@@ -118,6 +118,12 @@ def popularity_draws(user_ids: np.ndarray, cdf: np.ndarray, m: int, seed: int) -
     return np.searchsorted(cdf, r.astype(np.int64), side="right")
 
 
+def _member(keys: np.ndarray, sorted_keys: np.ndarray) -> np.ndarray:
+    # np.isin, through a binary search of the sorted keys (numpy's hashing isin is slower here)
+    at = np.minimum(np.searchsorted(sorted_keys, keys), len(sorted_keys) - 1)
+    return sorted_keys[at] == keys
+
+
 def sample_negatives(eval_set: EvalSet, counts: np.ndarray, n: int, seed: int = 0) -> np.ndarray:
     """(U, n) negatives per user drawn by popularity without replacement, never the target nor
     a seen item (the paper's sampled protocol). Each user's negatives depend on its id, the
@@ -139,20 +145,24 @@ def sample_negatives(eval_set: EvalSet, counts: np.ndarray, n: int, seed: int = 
     lengths = np.array([len(s) for s in eval_set.seen], np.int64)
     rows = np.arange(u_count, dtype=np.int64)
     flat = np.concatenate(eval_set.seen).astype(np.int64) if lengths.sum() else np.zeros(0, np.int64)
-    forbidden = np.unique(np.r_[np.repeat(rows, lengths) * width + flat, rows * width + eval_set.targets])
+    forbidden = np.sort(np.r_[np.repeat(rows, lengths) * width + flat, rows * width + eval_set.targets])
+    forbidden = forbidden[np.r_[True, forbidden[1:] != forbidden[:-1]]]
     blocked = np.bincount((forbidden // width)[candidate[forbidden % width]], minlength=u_count)
     unseen = int(candidate.sum()) - blocked
     items = np.flatnonzero(candidate)
     for u in np.flatnonzero(unseen <= n):
-        rest = items[~np.isin(u * width + items, forbidden)]
+        rest = items[~_member(u * width + items, forbidden)]
         out[u, : len(rest)] = rest
     todo, m = np.flatnonzero(unseen > n), 2 * n
     while len(todo):
         draws = popularity_draws(eval_set.user_ids[todo], cdf, m, seed)  # (T, m)
         keys = todo[:, None] * width + draws
+        # a draw counts once: at its first occurrence in the user's stream
+        order = np.argsort(keys.ravel(), kind="stable")
+        ranked = keys.ravel()[order]
         first = np.zeros(keys.size, bool)
-        first[np.unique(keys.ravel(), return_index=True)[1]] = True
-        ok = first.reshape(keys.shape) & ~np.isin(keys, forbidden)
+        first[order[np.r_[True, ranked[1:] != ranked[:-1]]]] = True
+        ok = first.reshape(keys.shape) & ~_member(keys, forbidden)
         take = ok & (np.cumsum(ok, axis=1) <= n)
         done = take.sum(axis=1) == n
         out[todo[done]] = draws[done][take[done]].reshape(-1, n)
