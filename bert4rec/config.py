@@ -110,7 +110,11 @@ class TrainSettings(Strict):
     seed: int = 0
     keep_checkpoints: int = Field(3, ge=1)
     max_failures: int = Field(1, ge=0, description="worker-group restarts from the latest checkpoint")
-    max_eval_users: int = Field(10_000, gt=0, description="validation users sampled for per-epoch NDCG")
+    max_eval_users: int = Field(
+        10_000,
+        gt=0,
+        description="per-epoch validation NDCG on at most this many users, a sample by a hash of user_id across all files (all users when fewer)",
+    )
     time_budget_s: float | None = Field(
         None,
         gt=0,
@@ -134,8 +138,16 @@ class EvaluateConfig(Strict):
     k: int = Field(10, gt=0)
     split: Literal["test", "val"] = "test"
     negatives: int = Field(100, gt=0, description="popularity-sampled negatives of the sampled protocol")
-    batch_size: int = Field(256, gt=0)
-    seed: int = 0
+    max_users: int | None = Field(
+        None,
+        gt=0,
+        description="evaluate a deterministic sample of about this many users, chosen by a hash of user_id across all files; none: every user",
+    )
+    batch_size: int = Field(256, gt=0, description="users per batch an evaluation actor ranks")
+    actors: int = Field(1, gt=0, description="Ray Data actors that rank users, each loading the checkpoint once")
+    cpus_per_actor: float = Field(1.0, gt=0)
+    gpu: bool = Field(False, description="one GPU per actor")
+    seed: int = Field(0, description="seed of the user sample and of the sampled negatives")
     storage: StorageConfig = StorageConfig()
 
 

@@ -379,3 +379,33 @@ def length_buckets(batch: dict[str, torch.Tensor], batch_size: int, generator: t
     chunks = length_chunks(batch["tokens"], batch_size)
     perm = torch.randperm(len(chunks), generator=generator).tolist()
     return [trim_padding({k: v[chunks[i]] for k, v in batch.items()}) for i in perm]
+
+
+# ---------------------------------------------------------------- deterministic user samples
+
+
+def splitmix64(x: np.ndarray) -> np.ndarray:
+    """splitmix64's finaliser on uint64 values (wrapping arithmetic): a fixed 64-bit mix whose
+    outputs look uniform and independent even for consecutive inputs."""
+    z = np.asarray(x).astype(np.uint64) + np.uint64(0x9E3779B97F4A7C15)
+    z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+    z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+    return z ^ (z >> np.uint64(31))
+
+
+def user_hash(user_ids: np.ndarray, seed: int = 0) -> np.ndarray:
+    """(N,) uint64: a hash of each ``user_id`` under ``seed``, the same in every process."""
+    key = splitmix64(np.array([seed % (1 << 64)], np.uint64))
+    return splitmix64(np.asarray(user_ids, np.int64).view(np.uint64) ^ key)
+
+
+def sample_mask(user_ids: np.ndarray, size: int | None, users: int, seed: int = 0) -> np.ndarray:
+    """Which of ``user_ids`` fall in a deterministic sample of about ``size`` of ``users`` users
+    in all: those whose :func:`user_hash` is below ``size / users`` of the hash range. Each
+    user's membership depends on its id alone, never on files, batches or order; a larger
+    ``size`` keeps every user of a smaller one. ``size`` None or >= ``users``: everyone."""
+    ids = np.asarray(user_ids, np.int64)
+    if size is None or size >= users:
+        return np.ones(len(ids), bool)
+    threshold = (size << 64) // users  # < 2**64: size < users
+    return user_hash(ids, seed) < np.uint64(threshold)

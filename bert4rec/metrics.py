@@ -6,6 +6,7 @@ baseline. Pure numpy/torch over an :class:`EvalSet`; no Ray, no files.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from fractions import Fraction
 
 import numpy as np
 import pyarrow as pa
@@ -13,21 +14,30 @@ import torch
 
 from bert4rec import data
 from bert4rec.model import BERT4Rec
-from bert4rec.ranking import chunked_rank_of_target, hr_ndcg_mrr, rank_of_target, sampled_rank_from_candidates, sampled_rank_of_target
+from bert4rec.ranking import chunked_rank_of_target, rank_of_target, sampled_rank_from_candidates, sampled_rank_of_target
 
 
 @dataclass
 class EvalSet:
     """One leave-one-out split, as model-ready arrays."""
 
-    tokens: np.ndarray  # (U, T) left-padded history + [MASK]
-    ratings: np.ndarray | None  # (U, T) rating levels, or None
+    tokens: np.ndarray  # (U, T) int32, left-padded history + [MASK]
+    ratings: np.ndarray | None  # (U, T) int32 rating levels, or None
     targets: np.ndarray  # (U,) target tokens
     seen: list[np.ndarray]  # U arrays: every token the user had before the target (excluded from ranking)
     user_ids: np.ndarray  # (U,)
 
     def __len__(self) -> int:
         return len(self.targets)
+
+
+def sampled_histories(histories: pa.Table, max_users: int | None, users: int, seed: int = 0) -> pa.Table:
+    """The rows of ``histories`` in the deterministic user sample of about ``max_users`` of
+    ``users`` (:func:`bert4rec.data.sample_mask`): the same users whichever file or batch they
+    are read in. Ray Data calls this on each block."""
+    if max_users is None or max_users >= users:
+        return histories
+    return histories.filter(pa.array(data.sample_mask(histories["user_id"].to_numpy(), max_users, users, seed)))
 
 
 def make_eval_set(
@@ -37,17 +47,12 @@ def make_eval_set(
     max_len: int,
     mask_token: int,
     use_ratings: bool = False,
-    max_users: int | None = None,
-    seed: int = 0,
 ) -> EvalSet:
     """Histories -> the val or test examples of leave-one-out (users whose target is unknown to
-    the vocabulary are skipped). ``max_users`` samples users deterministically.
+    the vocabulary are skipped). Called per batch: the (U, T) arrays are the batch's.
 
     ``seen`` is the input history followed by the distinct items ``prepare --max-len`` cut
     before it (``truncated_item_ids``, when present), never repeating the target there."""
-    if max_users is not None and histories.num_rows > max_users:
-        rows = np.sort(np.random.default_rng(seed).choice(histories.num_rows, max_users, replace=False))
-        histories = histories.take(pa.array(rows))
     flat, offsets = data.list_column(histories, "item_ids")
     tokens, _ = data.to_tokens(flat, vocab_ids)
     seqs = [tokens[offsets[i] : offsets[i + 1]] for i in range(len(offsets) - 1)]
@@ -60,7 +65,7 @@ def make_eval_set(
         rflat, _ = data.list_column(histories, "ratings")
         lv = data.rating_levels(rflat, len(rflat))
         rin, _ = data.loo_examples([lv[offsets[i] : offsets[i + 1]] for i in range(len(offsets) - 1)], split)
-        levels = data.inference_ratings([rin[i][m] for i, m in zip(keep, known)], max_len)
+        levels = data.inference_ratings([rin[i][m] for i, m in zip(keep, known)], max_len).astype(np.int32)
     inputs = [inputs[i][m] for i, m in zip(keep, known)]
     seen = inputs
     if data.TRUNCATED_COLUMN in histories.column_names:
@@ -70,7 +75,7 @@ def make_eval_set(
         earlier = [ttokens[toffsets[i] : toffsets[i + 1]] for i in keep]
         seen = [np.r_[s, e[(e > 0) & (e != t)]] for s, e, t in zip(inputs, earlier, targets[keep])]
     return EvalSet(
-        tokens=data.inference_tokens(inputs, max_len, mask_token),
+        tokens=data.inference_tokens(inputs, max_len, mask_token).astype(np.int32),
         ratings=levels,
         targets=targets[keep],
         seen=seen,
@@ -87,36 +92,82 @@ def popularity(eval_set: EvalSet, num_items: int) -> np.ndarray:
     return counts
 
 
+def popularity_rows(
+    histories: pa.Table, vocab_ids: np.ndarray, split: str, max_len: int, mask_token: int
+) -> dict[str, np.ndarray]:
+    """One batch's share of :func:`popularity`, sparse: ``token`` and ``count`` of the tokens
+    its users' input histories hold (per-batch counts add up to the whole set's)."""
+    counts = popularity(make_eval_set(histories, vocab_ids, split, max_len, mask_token), len(vocab_ids))
+    tokens = np.flatnonzero(counts)
+    return {"token": tokens.astype(np.int64), "count": counts[tokens]}
+
+
+# salt of the negatives' per-user stream, apart from the user sample's hash of the same seed
+NEGATIVES_SALT = 0x6E65676174697665
+
+
+def popularity_draws(user_ids: np.ndarray, cdf: np.ndarray, m: int, seed: int) -> np.ndarray:
+    """(U, m) tokens: draws 0..m-1 of each user's own stream, by popularity (``cdf``: the
+    cumulative counts per token). Draw ``j`` of a user depends on (seed, user_id, j) only."""
+    key = data.user_hash(user_ids, seed ^ NEGATIVES_SALT)  # (U,)
+    steps = np.arange(m, dtype=np.uint64) * np.uint64(0x9E3779B97F4A7C15)
+    h = data.splitmix64(key[:, None] + steps[None, :])  # (U, m): a splitmix64 stream per user
+    total = int(cdf[-1])
+    # 53 bits -> [0, total): float64 holds them exactly; the rare product rounding to total is clipped
+    r = np.minimum(np.floor((h >> np.uint64(11)).astype(np.float64) * (total / 2.0**53)), total - 1)
+    return np.searchsorted(cdf, r.astype(np.int64), side="right")
+
+
+def _member(keys: np.ndarray, sorted_keys: np.ndarray) -> np.ndarray:
+    # np.isin, through a binary search of the sorted keys (numpy's hashing isin is slower here)
+    at = np.minimum(np.searchsorted(sorted_keys, keys), len(sorted_keys) - 1)
+    return sorted_keys[at] == keys
+
+
 def sample_negatives(eval_set: EvalSet, counts: np.ndarray, n: int, seed: int = 0) -> np.ndarray:
     """(U, n) negatives per user drawn by popularity without replacement, never the target nor
-    a seen item (the paper's sampled protocol)."""
-    rng = np.random.default_rng(seed)
-    p = counts.astype(np.float64)
+    a seen item (the paper's sampled protocol). Each user's negatives depend on its id, the
+    seed and ``counts`` alone, however users are batched: the first ``n`` distinct allowed
+    draws of its own stream (:func:`popularity_draws`). A user with at most ``n`` unseen
+    items gets all of them, ascending, and 0-padding (which the sampled rank ignores)."""
+    u_count, width = len(eval_set), len(counts)
+    p = counts.astype(np.int64).copy()
     p[0] = 0
     p[-1] = 0
     if p.sum() == 0:
         p[1:-1] = 1
-    p /= p.sum()
-    candidates = set(np.flatnonzero(p > 0).tolist())
-    out = np.zeros((len(eval_set), n), np.int64)
-    for u in range(len(eval_set)):
-        forbidden = set(eval_set.seen[u].tolist())
-        forbidden.add(int(eval_set.targets[u]))
-        unseen = len(candidates) - len(forbidden & candidates)
-        # a user who has seen nearly everything gets every unseen item; the rest stays 0,
-        # which the sampled rank ignores
-        want = min(n, unseen)
-        chosen: list[int] = []
-        taken = set(forbidden)
-        while len(chosen) < want:
-            for t in rng.choice(len(p), size=2 * n, p=p).tolist():
-                if t not in taken:
-                    taken.add(t)
-                    chosen.append(t)
-                    if len(chosen) == want:
-                        break
-        chosen += [0] * (n - want)
-        out[u] = chosen
+    cdf = np.cumsum(p)
+    candidate = p > 0
+    out = np.zeros((u_count, n), np.int64)
+    if u_count == 0:
+        return out
+    # forbidden (user row, token) pairs as sorted keys row * width + token: seen items and the target
+    lengths = np.array([len(s) for s in eval_set.seen], np.int64)
+    rows = np.arange(u_count, dtype=np.int64)
+    flat = np.concatenate(eval_set.seen).astype(np.int64) if lengths.sum() else np.zeros(0, np.int64)
+    forbidden = np.sort(np.r_[np.repeat(rows, lengths) * width + flat, rows * width + eval_set.targets])
+    forbidden = forbidden[np.r_[True, forbidden[1:] != forbidden[:-1]]]
+    blocked = np.bincount((forbidden // width)[candidate[forbidden % width]], minlength=u_count)
+    unseen = int(candidate.sum()) - blocked
+    items = np.flatnonzero(candidate)
+    for u in np.flatnonzero(unseen <= n):
+        rest = items[~_member(u * width + items, forbidden)]
+        out[u, : len(rest)] = rest
+    todo, m = np.flatnonzero(unseen > n), 2 * n
+    while len(todo):
+        draws = popularity_draws(eval_set.user_ids[todo], cdf, m, seed)  # (T, m)
+        keys = todo[:, None] * width + draws
+        # a draw counts once: at its first occurrence in the user's stream
+        order = np.argsort(keys.ravel(), kind="stable")
+        ranked = keys.ravel()[order]
+        first = np.zeros(keys.size, bool)
+        first[order[np.r_[True, ranked[1:] != ranked[:-1]]]] = True
+        ok = first.reshape(keys.shape) & ~_member(keys, forbidden)
+        take = ok & (np.cumsum(ok, axis=1) <= n)
+        done = take.sum(axis=1) == n
+        out[todo[done]] = draws[done][take[done]].reshape(-1, n)
+        # the rest draw a longer prefix of the same streams: the same first draws, more after
+        todo, m = todo[~done], 2 * m
     return out
 
 
@@ -189,9 +240,87 @@ def popularity_ranks(
     return torch.cat(full).numpy(), (torch.cat(sampled).numpy() if negatives is not None else None)
 
 
+# Metric sums are exact: each user's NDCG gain and reciprocal rank (floats in [2**-31, 1] for
+# ranks below 2**31) is an integer number of 2**-84, split into two 42-bit limbs whose int64
+# sums cannot overflow within a batch. Summed as Python ints on the driver, the totals do not
+# depend on how users were batched or in what order the batches came back, so the distributed
+# figures equal the in-process ones exactly; each is the correctly rounded mean.
+FIXED_BITS, LIMB_BITS = 84, 42
+SUM_KEYS = ("users", "hits", "ndcg_hi", "ndcg_lo", "rr_hi", "rr_lo")
+
+
+def _limb_sums(values: np.ndarray) -> tuple[int, int]:
+    x = np.ldexp(values, FIXED_BITS)  # exact integers below 2**84
+    hi = np.floor(np.ldexp(x, -LIMB_BITS))
+    lo = x - np.ldexp(hi, LIMB_BITS)
+    hi, lo = hi.astype(np.int64), lo.astype(np.int64)
+    step = 1 << 20  # 2**20 values of < 2**42 each: an int64 sum cannot overflow
+    return (sum(int(hi[i : i + step].sum()) for i in range(0, len(hi), step)), sum(int(lo[i : i + step].sum()) for i in range(0, len(lo), step)))
+
+
+def rank_sums(ranks: np.ndarray, k: int) -> dict[str, int]:
+    """1-based ranks -> exact sums (``SUM_KEYS``) from which :func:`metrics_from_sums` gives
+    HR@k, NDCG@k and MRR as :func:`bert4rec.ranking.hr_ndcg_mrr` defines them. Sums of two
+    sets of users add key by key (:func:`add_sums`)."""
+    r = np.asarray(ranks, np.int64).reshape(-1)
+    if len(r) and (r.min() < 1 or r.max() >= 2**31):
+        raise ValueError("ranks are 1-based and below 2**31")
+    hit = r <= k
+    gain = np.where(hit, 1.0 / np.log2(r + 1.0), 0.0)
+    ndcg_hi, ndcg_lo = _limb_sums(gain)
+    rr_hi, rr_lo = _limb_sums(1.0 / r)
+    return {"users": len(r), "hits": int(hit.sum()), "ndcg_hi": ndcg_hi, "ndcg_lo": ndcg_lo, "rr_hi": rr_hi, "rr_lo": rr_lo}
+
+
+def add_sums(a: dict[str, int], b: dict[str, int]) -> dict[str, int]:
+    """Key-by-key sum of two :func:`rank_sums` (Python ints: no overflow)."""
+    return {key: int(a.get(key, 0)) + int(b.get(key, 0)) for key in SUM_KEYS}
+
+
+def metrics_from_sums(sums: dict[str, int], k: int) -> dict[str, float]:
+    """``{"hr@k", "ndcg@k", "mrr"}``: each the correctly rounded mean over ``sums["users"]``."""
+    n = int(sums["users"])
+    if n == 0:
+        raise ValueError("no ranks to report")
+    scale = n << FIXED_BITS
+    ndcg = (int(sums["ndcg_hi"]) << LIMB_BITS) + int(sums["ndcg_lo"])
+    rr = (int(sums["rr_hi"]) << LIMB_BITS) + int(sums["rr_lo"])
+    return {f"hr@{k}": float(Fraction(int(sums["hits"]), n)), f"ndcg@{k}": float(Fraction(ndcg, scale)), "mrr": float(Fraction(rr, scale))}
+
+
+def report_from_sums(full: dict[str, int], sampled: dict[str, int] | None, k: int) -> dict:
+    """Sums of full-ranking (and sampled-protocol) ranks -> the metrics dict of ``bert4rec evaluate``."""
+    out = {**metrics_from_sums(full, k), "users": int(full["users"])}
+    if sampled is not None:
+        out["sampled"] = {**metrics_from_sums(sampled, k), "negatives": "popularity"}
+    return out
+
+
 def report(full: np.ndarray, sampled: np.ndarray | None, k: int) -> dict:
     """Rank arrays -> the metrics dict printed by ``bert4rec evaluate``."""
-    out = {**hr_ndcg_mrr(full, k), "users": int(len(full))}
-    if sampled is not None:
-        out["sampled"] = {**hr_ndcg_mrr(sampled, k), "negatives": "popularity"}
-    return out
+    return report_from_sums(rank_sums(full, k), rank_sums(sampled, k) if sampled is not None else None, k)
+
+
+# the rank families that ``evaluate`` reports: the model's and popularity's, full and sampled
+FAMILIES = ("full", "sampled", "pop_full", "pop_sampled")
+
+
+def eval_sums(
+    model: BERT4Rec,
+    eval_set: EvalSet,
+    counts: np.ndarray,
+    negatives: int,
+    seed: int,
+    k: int,
+    batch_size: int = 256,
+    device: str | torch.device = "cpu",
+) -> dict[str, dict[str, int]]:
+    """Everything ``evaluate`` needs from a set of users, as :func:`rank_sums` per family in
+    ``FAMILIES``: the model's and popularity's ranks, full (seen items excluded) and among
+    the user's popularity-sampled negatives. Sums of two sets add (:func:`add_sums`)."""
+    if len(eval_set) == 0:
+        return {name: rank_sums(np.zeros(0, np.int64), k) for name in FAMILIES}
+    neg = sample_negatives(eval_set, counts, negatives, seed)
+    full, sampled = model_ranks(model, eval_set, batch_size, neg, device)
+    pfull, psampled = popularity_ranks(counts, eval_set, neg)
+    return {name: rank_sums(r, k) for name, r in zip(FAMILIES, (full, sampled, pfull, psampled))}

@@ -29,8 +29,8 @@ from bert4rec import checkpoint as ckpt_lib
 from bert4rec import console
 from bert4rec import data
 from bert4rec.config import TrainConfig, TrainSettings
-from bert4rec.io import InputError, arrow_filesystem, filesystem, join, parquet_files, read_json, read_parquet, write_json
-from bert4rec.metrics import EvalSet, make_eval_set, model_ranks, popularity, popularity_ranks
+from bert4rec.io import InputError, arrow_filesystem, filesystem, join, parquet_files, parquet_schema, read_json, read_parquet, write_json
+from bert4rec.metrics import EvalSet, make_eval_set, model_ranks, popularity, popularity_ranks, sampled_histories
 from bert4rec.model import BERT4Rec, BERT4RecConfig, cloze_loss
 from bert4rec.ranking import hr_ndcg_mrr
 
@@ -356,27 +356,45 @@ def train_loop_per_worker(loop_config: dict) -> None:
 # ---------------------------------------------------------------- driver
 
 
-def read_prepared(cfg_data: str, storage, max_users: int | None = None) -> tuple[pa.Table, pa.Table]:
-    """Reads what ``prepare`` wrote: (vocab, the first ``max_users`` histories)."""
+def read_prepared(cfg_data: str, storage) -> tuple[pa.Table, str, int]:
+    """Checks what ``prepare`` wrote and reads its small parts: (vocab, the histories URI,
+    the number of users, from the Parquet footers). The histories themselves stay where they are."""
     vocab_uri, hist_uri = join(cfg_data, "vocab.parquet"), join(cfg_data, "histories")
     for uri in (vocab_uri, hist_uri):
         fs, path = filesystem(uri, storage)
         if not fs.exists(path):
             raise InputError(f"{cfg_data}: not a prepared data directory (missing {uri}; run `bert4rec prepare`)")
     vocab = read_parquet(vocab_uri, storage)
-    fs, _ = filesystem(hist_uri, storage)
-    parts, n = [], 0
-    for f in parquet_files(hist_uri, storage):
-        t = pq.read_table(f, filesystem=fs)
-        parts.append(t)
-        n += t.num_rows
-        if max_users is not None and n >= max_users:
-            break
-    histories = pa.concat_tables(parts)
+    names = parquet_schema(hist_uri, storage).names
     for name in ("user_id", "item_ids"):
-        if name not in histories.column_names:
+        if name not in names:
             raise InputError(f"{hist_uri}: missing column {name!r}")
-    return vocab, histories
+    fs, _ = filesystem(hist_uri, storage)
+    users = 0
+    for f in parquet_files(hist_uri, storage):
+        with fs.open(f, "rb") as fh:
+            users += pq.ParquetFile(fh).metadata.num_rows
+    return vocab, hist_uri, users
+
+
+def read_sample(hist_uri: str, storage, max_users: int, users: int, seed: int) -> pa.Table:
+    """The histories of a deterministic sample of at most ``max_users`` of the ``users`` users,
+    read from every file with Ray Data (:func:`bert4rec.metrics.sampled_histories`; of a sample
+    that the hash lets grow past ``max_users``, the lowest hashes are kept), sorted by user_id."""
+    import ray
+    import ray.data
+
+    hist_fs, hist_path = arrow_filesystem(hist_uri, storage)
+    ds = ray.data.read_parquet(hist_path, filesystem=hist_fs, file_extensions=["parquet"])
+    ds = ds.map_batches(sampled_histories, batch_format="pyarrow", fn_kwargs={"max_users": max_users, "users": users, "seed": seed})
+    parts = [t for t in ray.get(ds.to_arrow_refs()) if t.num_rows]
+    if not parts:
+        raise InputError(f"{hist_uri}: no users to validate on")
+    sample = pa.concat_tables(parts)
+    if sample.num_rows > max_users:
+        keep = np.argsort(data.user_hash(sample["user_id"].to_numpy(), seed), kind="stable")[:max_users]
+        sample = sample.take(pa.array(keep))
+    return sample.sort_by("user_id")
 
 
 def train(cfg: TrainConfig, callbacks: Sequence[EpochCallback] = ()) -> dict:
@@ -390,19 +408,21 @@ def train(cfg: TrainConfig, callbacks: Sequence[EpochCallback] = ()) -> dict:
     from ray.train.torch import TorchTrainer
 
     t0 = time.time()
-    # a bounded sample of users for per-epoch validation; sampled with a fixed seed
-    vocab, sample = read_prepared(cfg.data, cfg.storage, max_users=cfg.max_eval_users * 4)
+    vocab, hist_uri, users = read_prepared(cfg.data, cfg.storage)
     model_cfg = cfg.model.model_copy(update={"num_items": len(vocab)})
-    if model_cfg.use_ratings and "ratings" not in sample.column_names:
+    if model_cfg.use_ratings and "ratings" not in parquet_schema(hist_uri, cfg.storage).names:
         # caught here, on the driver: the workers would each fail inside DDP instead
-        raise InputError(f"model.use_ratings is true, but the histories at {join(cfg.data, 'histories')} have no 'ratings' column; set model.use_ratings: false or prepare data with ratings")
+        raise InputError(f"model.use_ratings is true, but the histories at {hist_uri} have no 'ratings' column; set model.use_ratings: false or prepare data with ratings")
     latest = latest_metadata(cfg)
     if latest is not None and run_state(latest, join(cfg.out, RUN_NAME)).stopped and "train_rows" in latest and isinstance(latest.get("val_popularity"), dict):
         # the run has ended: no workers to start (they would load the checkpoint and stop)
         return _summary(cfg, latest["val_popularity"], latest["train_rows"], t0)
+    # per-epoch validation on a bounded hash sample of users from every file: the same users
+    # night after night, whatever the file layout (the first file holds the oldest ids only)
+    sample = read_sample(hist_uri, cfg.storage, cfg.max_eval_users, users, cfg.seed)
 
     vocab_ids = vocab["item_id"].to_numpy()
-    val_set = make_eval_set(sample, vocab_ids, "val", model_cfg.max_len, model_cfg.mask_token, model_cfg.use_ratings, cfg.max_eval_users, cfg.seed)
+    val_set = make_eval_set(sample, vocab_ids, "val", model_cfg.max_len, model_cfg.mask_token, model_cfg.use_ratings)
     pop = popularity(val_set, len(vocab))
     pop_ranks, _ = popularity_ranks(pop, val_set)
     val_popularity = hr_ndcg_mrr(pop_ranks, 10)
