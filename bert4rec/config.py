@@ -197,6 +197,11 @@ class NightlyConfig(Strict):
     work: str | None = Field(None, description="prepared data and training runs; default <out>/_work")
     warm_start: Literal["auto", "never"] = Field("auto", description="auto: from the last published model when its architecture matches")
     lock_stale_after_s: float = Field(6 * 3600, gt=0)
+    evaluate_users: int | None = Field(
+        100_000,
+        gt=0,
+        description="test-split evaluation of the night on a deterministic hash sample of about this many users (none: every user)",
+    )
     keep_nights: int = Field(
         3,
         ge=1,

@@ -201,7 +201,18 @@ def _run(cfg: NightlyConfig, date: dt.date, part: str, table_uri: str, work: str
     new_ndcg = summary["best_metrics"]["val_ndcg@10"]
     prev_ndcg = (previous or {}).get("val_ndcg@10")
     with stage("evaluate", timings):
-        test = evaluate(EvaluateConfig(checkpoint=summary["best_checkpoint"], data=prepared_uri, storage=cfg.storage))
+        # on the scoring actors' resources (GPU when scoring has one), on a hash sample of users
+        test = evaluate(
+            EvaluateConfig(
+                checkpoint=summary["best_checkpoint"],
+                data=prepared_uri,
+                max_users=cfg.evaluate_users,
+                actors=cfg.score.actors,
+                cpus_per_actor=cfg.score.cpus_per_actor,
+                gpu=cfg.score.gpu,
+                storage=cfg.storage,
+            )
+        )
     report = {
         "date": date.isoformat(),
         "status": "running",
