@@ -64,6 +64,8 @@ def parse_args(argv=None):
     p.add_argument("--layers", type=int, default=2)
     p.add_argument("--heads", type=int, default=2)
     p.add_argument("--items", type=int, default=3700, help="V (ML-1M has 3,706 rated movies)")
+    p.add_argument("--loss", choices=["auto", "full", "sampled"], default="auto", help="TrainConfig.loss (auto: sampled above 100,000 items)")
+    p.add_argument("--negatives", type=int, default=8192, help="TrainConfig.sampled_negatives")
     p.add_argument("--steps", type=int, default=16, help="timed steps per variant")
     p.add_argument("--warmup", type=int, default=3, help="untimed steps first")
     p.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0: torch's default)")
@@ -120,19 +122,27 @@ def run_ours(args, device, autocast_dtype):
 
     from bert4rec.config import TrainConfig
     from bert4rec.model import BERT4Rec, BERT4RecConfig
-    from bert4rec.train import WarmupCosine, train_epoch
+    import numpy as np
+
+    from bert4rec.train import WarmupCosine, loss_function, train_epoch
 
     mc = BERT4RecConfig(num_items=args.items, max_len=args.max_len, hidden=args.hidden, layers=args.layers, heads=args.heads)
-    cfg = TrainConfig(data="-", out="-", batch_size=args.batch, mask_prob=args.mask_prob, last_item_mask_prob=args.last_item_prob, model=mc)
+    cfg = TrainConfig(
+        data="-", out="-", batch_size=args.batch, mask_prob=args.mask_prob, last_item_mask_prob=args.last_item_prob,
+        loss=args.loss, sampled_negatives=args.negatives, model=mc,
+    )
     torch.manual_seed(args.seed)
     model = BERT4Rec(mc).to(device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, WarmupCosine(10, 1000, cfg.min_lr_ratio))
-    gen = torch.Generator().manual_seed(args.seed + 2)
+    gen = torch.Generator(device=device).manual_seed(args.seed + 2)
+    # Zipf-like popularity, as the sampled softmax's q sees it in training
+    counts = np.r_[0, (1e6 / np.arange(1, args.items + 1)).astype(np.int64) + 1, 0]
+    loss_fn = loss_function(cfg, counts, device, gen)
 
     def step(batches):
         # train_epoch exactly as the Ray Train loop calls it; ``batches`` is a plain list here
-        train_epoch(model, batches, optimizer, scheduler, cfg, mc.mask_token, gen, device, autocast_dtype)
+        train_epoch(model, batches, optimizer, scheduler, cfg, mc.mask_token, gen, device, autocast_dtype, loss_fn)
 
     return model, step
 

@@ -101,7 +101,20 @@ class TrainSettings(Strict):
     mask_prob: float = Field(0.2, gt=0, lt=1)
     last_item_mask_prob: float = Field(0.1, ge=0, le=1, description="share of sequences whose last item alone is masked")
     length_buckets: int = Field(8, ge=1, description="batches drawn together and grouped by length (less padding)")
-    samples_per_epoch: int = Field(1, ge=1, description="fresh masks of every training sequence per epoch")
+    samples_per_epoch: int = Field(1, ge=1, description="passes over the training sequences per epoch, each with fresh masks (at least; see epoch_sequences)")
+    epoch_sequences: int | None = Field(
+        None,
+        gt=0,
+        description="sequences an epoch draws, all workers together: passes (each with fresh masks) repeat until an epoch "
+        "has at least this many, so that an epoch is a training length, not a table size (none: samples_per_epoch passes)",
+    )
+    loss: Literal["auto", "full", "sampled"] = Field(
+        "auto",
+        description="full: softmax over the whole catalogue at every masked position; sampled: a sampled softmax with the "
+        "logQ correction over sampled_negatives items (memory M x N instead of M x V); auto: sampled above 100,000 items",
+    )
+    sampled_negatives: int = Field(8192, gt=0, description="negatives of the sampled softmax, shared by a batch, drawn with replacement")
+    sampling_alpha: float = Field(0.75, ge=0, le=1, description="the sampled softmax draws items with probability proportional to count ** alpha (0: uniform)")
     window_stride: int | None = Field(
         None,
         gt=0,

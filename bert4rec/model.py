@@ -149,15 +149,20 @@ class BERT4Rec(nn.Module):
         tokens: torch.Tensor,
         ratings: torch.Tensor | None = None,
         positions: torch.Tensor | None = None,
+        hidden_only: bool = False,
     ) -> torch.Tensor:
         """Logits at the masked positions only (the Cloze loss needs nothing else).
 
         tokens (B, T); positions: a (B, T) bool mask of the positions to score, default the
-        [MASK] tokens. Returns (M, V+2) for the M selected positions, in row-major order.
+        [MASK] tokens. Returns (M, V+2) for the M selected positions, in row-major order, or
+        with ``hidden_only`` their (M, D) hidden states (a sampled softmax scores them itself;
+        through ``forward``, so that DDP sees the call).
         """
         h = self.encode(tokens, ratings)  # (B, T, D)
         if positions is None:
             positions = tokens == self.config.mask_token
+        if hidden_only:
+            return h[positions]  # (M, D)
         return self.logits(h[positions])  # (M, V+2)
 
     def last_hidden(self, tokens: torch.Tensor, ratings: torch.Tensor | None = None) -> torch.Tensor:
@@ -174,7 +179,7 @@ def cloze_loss(model: BERT4Rec, tokens: torch.Tensor, labels: torch.Tensor, rati
 
 
 def sampled_cloze_loss(
-    model: BERT4Rec,
+    model: nn.Module,
     tokens: torch.Tensor,
     labels: torch.Tensor,
     ratings: torch.Tensor | None,
@@ -191,9 +196,10 @@ def sampled_cloze_loss(
     Memory is (M, N) instead of (M, V): what makes million-item catalogues trainable.
     """
     positions = labels > 0
-    h = model.encode(tokens, ratings)[positions]  # (M, D)
+    h = model(tokens, ratings, positions, hidden_only=True)  # (M, D)
     target = labels[positions]  # (M,)
-    w, b = model.item_emb.weight, model.out_bias
+    core = getattr(model, "module", model)  # the model itself, under a DistributedDataParallel wrapper
+    w, b = core.item_emb.weight, core.out_bias
     pos = (h * w[target]).sum(-1) + b[target] - log_q[target]  # (M,)
     neg = h @ w[negatives].T + (b[negatives] - log_q[negatives])  # (M, N)
     neg = neg.masked_fill(negatives[None, :] == target[:, None], float("-inf"))

@@ -31,7 +31,7 @@ from bert4rec import data
 from bert4rec.config import TrainConfig, TrainSettings
 from bert4rec.io import InputError, arrow_filesystem, filesystem, join, parquet_files, parquet_schema, read_json, read_parquet, write_json
 from bert4rec.metrics import EvalSet, make_eval_set, model_ranks, popularity, popularity_ranks, sampled_histories
-from bert4rec.model import BERT4Rec, BERT4RecConfig, cloze_loss
+from bert4rec.model import BERT4Rec, BERT4RecConfig, cloze_loss, negative_sampler, sampled_cloze_loss
 from bert4rec.ranking import hr_ndcg_mrr
 
 RUN_NAME = "train"
@@ -169,30 +169,82 @@ class EpochCallback(Protocol):
     def on_epoch_end(self, epoch: int, metrics: dict, rank: int) -> None: ...
 
 
-def train_epoch(model, batches, optimizer, scheduler, cfg: TrainConfig, mask_token: int, generator: torch.Generator, device, autocast_dtype) -> tuple[float, int]:
+# a catalogue above this many items trains with the sampled softmax unless loss is "full"
+FULL_SOFTMAX_MAX_ITEMS = 100_000
+
+
+def uses_sampled_softmax(cfg: TrainSettings, num_items: int) -> bool:
+    """Whether training uses the sampled softmax: ``loss: sampled``, or ``auto`` above
+    :data:`FULL_SOFTMAX_MAX_ITEMS` items (where M x V logits and their gradients no longer
+    fit or run fast)."""
+    return cfg.loss == "sampled" or (cfg.loss == "auto" and num_items > FULL_SOFTMAX_MAX_ITEMS)
+
+
+def loss_function(cfg: TrainSettings, counts: np.ndarray, device, generator: torch.Generator | None = None):
+    """The Cloze loss ``(model, inputs, labels, ratings) -> loss`` that ``cfg`` asks for:
+    the full softmax, or the sampled one with negatives drawn on ``device`` by popularity
+    (``counts``: interactions per token, (V+2,)) to the power ``sampling_alpha``."""
+    num_items = len(counts) - 2
+    if not uses_sampled_softmax(cfg, num_items):
+        return cloze_loss
+    q, log_q = negative_sampler(torch.as_tensor(counts, dtype=torch.float64), cfg.sampled_negatives, cfg.sampling_alpha)
+    q, log_q = q.to(device), log_q.to(device)
+
+    def sampled(model, inputs, labels, ratings):
+        negatives = torch.multinomial(q, cfg.sampled_negatives, replacement=True, generator=generator)
+        return sampled_cloze_loss(model, inputs, labels, ratings, negatives, log_q)
+
+    return sampled
+
+
+def passes_per_epoch(train_rows: int, samples_per_epoch: int, epoch_sequences: int | None) -> int:
+    """Passes over the ``train_rows`` training sequences that make one epoch: at least
+    ``samples_per_epoch``, and enough to draw ``epoch_sequences`` sequences when set, so that
+    an epoch is a length of training whatever the table's size."""
+    if epoch_sequences is None or train_rows <= 0:
+        return samples_per_epoch
+    return max(samples_per_epoch, math.ceil(epoch_sequences / train_rows))
+
+
+def train_epoch(
+    model,
+    batches,
+    optimizer,
+    scheduler,
+    cfg: TrainConfig,
+    mask_token: int,
+    generator: torch.Generator,
+    device,
+    autocast_dtype,
+    loss_fn=cloze_loss,
+) -> tuple[float, int]:
     """One pass over ``batches`` of {"tokens": (B, T)[, "ratings"]} with fresh Cloze masks.
-    Returns (mean loss, sequences seen)."""
+    Returns (mean loss, sequences seen).
+
+    Made for a GPU as much as a CPU: each batch is moved once and masked on the device
+    (``generator`` must live there), and the loss is summed on the device and read once at
+    the end, so that no step waits for the host."""
     model.train()
-    total, n_batches, n_seq = 0.0, 0, 0
+    total = torch.zeros((), dtype=torch.float64, device=device)
+    n_batches, n_seq = 0, 0
     for batch in batches:
-        tokens = batch["tokens"].long()
+        tokens = batch["tokens"].to(device, non_blocking=True).long()
         inputs, labels = data.mask_batch(tokens, mask_token, cfg.mask_prob, cfg.last_item_mask_prob, generator)
         ratings = None
         if "ratings" in batch:
             # a masked item's rating would give the answer away
-            ratings = torch.where(labels > 0, 0, batch["ratings"].long()).to(device, non_blocking=True)
-        inputs, labels = inputs.to(device, non_blocking=True), labels.to(device, non_blocking=True)
+            ratings = torch.where(labels > 0, 0, batch["ratings"].to(device, non_blocking=True).long())
         with torch.autocast(device_type=device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
-            loss = cloze_loss(model, inputs, labels, ratings)
+            loss = loss_fn(model, inputs, labels, ratings)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 5.0)
         optimizer.step()
         scheduler.step()
-        total += loss.item()
+        total += loss.detach()
         n_batches += 1
         n_seq += len(tokens)
-    return total / max(1, n_batches), n_seq
+    return total.item() / max(1, n_batches), n_seq
 
 
 def eval_epoch(model: BERT4Rec, eval_set: EvalSet, device, k: int = 10) -> dict[str, float]:
@@ -229,6 +281,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
     device = ray.train.torch.get_device()
     autocast_dtype = torch.bfloat16 if device.type == "cuda" else None
     vocab: pa.Table = ray.get(loop_config["vocab_ref"])
+    counts = np.r_[0, vocab["count"].to_numpy(), 0]  # interactions per token: the sampled softmax's q
     val_set = _slice_eval_set(ray.get(loop_config["val_ref"]), rank, world)
 
     torch.manual_seed(cfg.seed)
@@ -271,17 +324,21 @@ def train_loop_per_worker(loop_config: dict) -> None:
     loop_start = time.time() - run.train_time_s
     for epoch in range(start_epoch, cfg.epochs + 1):
         t0 = time.time()
-        gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + epoch * 1_009 + rank)
+        seed = cfg.seed * 1_000_003 + epoch * 1_009 + rank
+        gen = torch.Generator().manual_seed(seed)  # batch order (on the host)
+        device_gen = torch.Generator(device=device).manual_seed(seed)  # masks and negatives
+        loss_fn = loss_function(cfg, counts, device, device_gen)
         losses, seqs = [], 0
-        for _ in range(cfg.samples_per_epoch):
+        for _ in range(loop_config["passes"]):
             supers = shard.iter_torch_batches(
                 batch_size=cfg.batch_size * cfg.length_buckets,
                 local_shuffle_buffer_size=4 * cfg.batch_size * cfg.length_buckets,
                 local_shuffle_seed=cfg.seed + epoch,
                 device="cpu",
+                prefetch_batches=2,
             )
             batches = (b for s in supers for b in data.length_buckets(s, cfg.batch_size, gen))
-            loss, n = train_epoch(model, batches, optimizer, scheduler, cfg, model_cfg.mask_token, gen, device, autocast_dtype)
+            loss, n = train_epoch(model, batches, optimizer, scheduler, cfg, model_cfg.mask_token, device_gen, device, autocast_dtype, loss_fn)
             losses.append(loss)
             seqs += n
         train_s = time.time() - t0
@@ -440,7 +497,8 @@ def train(cfg: TrainConfig, callbacks: Sequence[EpochCallback] = ()) -> dict:
     per_worker = train_rows // cfg.workers
     if per_worker == 0:
         raise InputError(f"{cfg.data}: {train_rows} training sequences cannot feed {cfg.workers} workers")
-    steps_per_epoch = math.ceil(per_worker / cfg.batch_size) * cfg.samples_per_epoch
+    passes = passes_per_epoch(train_rows, cfg.samples_per_epoch, cfg.epoch_sequences)
+    steps_per_epoch = math.ceil(per_worker / cfg.batch_size) * passes
 
     out_fs, out_path = arrow_filesystem(cfg.out, cfg.storage)
     trainer = TorchTrainer(
@@ -453,6 +511,7 @@ def train(cfg: TrainConfig, callbacks: Sequence[EpochCallback] = ()) -> dict:
             "val_popularity": val_popularity,
             "train_rows": train_rows,
             "steps_per_epoch": steps_per_epoch,
+            "passes": passes,
             "init_from": cfg.init_from,
             "callbacks": list(callbacks),
         },

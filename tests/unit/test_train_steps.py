@@ -1,0 +1,47 @@
+"""The pieces of a training step that need no Ray: epoch length, the loss choice, one pass."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from bert4rec.config import TrainConfig
+from bert4rec.model import BERT4Rec, BERT4RecConfig, cloze_loss
+from bert4rec.train import FULL_SOFTMAX_MAX_ITEMS, WarmupCosine, loss_function, passes_per_epoch, train_epoch, uses_sampled_softmax
+
+
+@pytest.mark.parametrize(
+    "rows, samples, sequences, expected",
+    [(3000, 1, None, 1), (3000, 4, None, 4), (3000, 1, 20_000, 7), (6690, 1, 20_000, 3), (50_000, 1, 20_000, 1), (3000, 8, 20_000, 8), (0, 2, 20_000, 2)],
+)
+def test_an_epoch_is_a_number_of_sequences_in_whole_passes(rows, samples, sequences, expected):
+    assert passes_per_epoch(rows, samples, sequences) == expected
+
+
+def test_the_sampled_softmax_is_chosen_by_config_and_by_catalogue_size():
+    auto, full, sampled = (TrainConfig(data="d", out="o", loss=x) for x in ("auto", "full", "sampled"))
+    assert not uses_sampled_softmax(auto, FULL_SOFTMAX_MAX_ITEMS)
+    assert uses_sampled_softmax(auto, FULL_SOFTMAX_MAX_ITEMS + 1)
+    assert not uses_sampled_softmax(full, 10 * FULL_SOFTMAX_MAX_ITEMS)
+    assert uses_sampled_softmax(sampled, 10)
+    assert loss_function(full, np.ones(12), torch.device("cpu")) is cloze_loss
+
+
+@pytest.mark.parametrize("loss", ["full", "sampled"])
+def test_a_pass_trains_and_reports_its_mean_loss(loss):
+    torch.manual_seed(0)
+    mc = BERT4RecConfig(num_items=30, max_len=8, hidden=16, layers=1, heads=2, dropout=0.0, attn_dropout=0.0)
+    cfg = TrainConfig(data="d", out="o", loss=loss, sampled_negatives=16, batch_size=4, model=mc)
+    model = BERT4Rec(mc)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, WarmupCosine(1, 100, 0.1))
+    gen = torch.Generator().manual_seed(1)
+    # one repeated pattern: the loss must fall
+    tokens = torch.tensor([[1, 2, 3, 4, 5, 6, 7, 8]] * 4)
+    fn = loss_function(cfg, np.r_[0, np.arange(1, 31), 0], torch.device("cpu"), gen)
+    first, n = train_epoch(model, [{"tokens": tokens}] * 3, optimizer, scheduler, cfg, mc.mask_token, gen, torch.device("cpu"), None, fn)
+    assert n == 12 and np.isfinite(first)
+    for _ in range(10):
+        last, _ = train_epoch(model, [{"tokens": tokens}] * 3, optimizer, scheduler, cfg, mc.mask_token, gen, torch.device("cpu"), None, fn)
+    assert last < first
