@@ -106,6 +106,15 @@ def storage_call(uri: str, fn):
         raise
 
 
+def fsync_dir(path: str) -> None:
+    """Makes a local directory's entries (a rename, a new file) durable."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def check_plain_name(name: Any, source: str) -> str:
     """``name`` if it is a plain file name (a string with no ``/`` or ``\\``, no ``..``, not
     starting with ``.``), else an ``InputError`` naming ``source`` (the file it was read from).

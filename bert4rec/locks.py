@@ -35,7 +35,7 @@ import time
 import uuid
 
 from bert4rec.config import StorageConfig
-from bert4rec.io import InputError, Location, locate
+from bert4rec.io import fsync_dir, InputError, Location, locate
 
 log = logging.getLogger(__name__)
 
@@ -128,14 +128,6 @@ def _held_error(uri: str, held: dict | None, age: float) -> LockHeld:
     return LockHeld(uri, holder, since, age)
 
 
-def _fsync_dir(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 class LocalLock:
     """A lock file on local disk, created with ``O_EXCL``."""
 
@@ -180,7 +172,7 @@ class LocalLock:
                 f.write(data)
                 f.flush()
                 os.fsync(f.fileno())
-            _fsync_dir(os.path.dirname(self.path))
+            fsync_dir(os.path.dirname(self.path))
             return
         raise InputError(f"{self.uri}: could not take the lock (it keeps changing hands)")
 

@@ -76,7 +76,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from bert4rec.config import StorageConfig
-from bert4rec.io import InputError, Location, check_plain_name, fs_path, is_s3, locate
+from bert4rec.io import fsync_dir, InputError, Location, check_plain_name, fs_path, is_s3, locate
 from bert4rec.io import join as ujoin
 
 log = logging.getLogger(__name__)
@@ -322,7 +322,7 @@ def move_files(out: str | Location, staging: str | Location, plan: dict, storage
             if not os.path.exists(dst_path):
                 raise InputError(f"{stg.uri}: staged file {src} is gone and was not moved to {dst}") from None
     if not table.s3:
-        _fsync_dir(table.path)
+        fsync_dir(table.path)
 
 
 def write_manifest(out: str | Location, plan: dict, manifest_extra: dict, storage: StorageConfig | None = None) -> dict:
@@ -337,7 +337,7 @@ def write_manifest(out: str | Location, plan: dict, manifest_extra: dict, storag
     }
     table.join(MANIFEST).write_json(manifest)
     if not table.s3:
-        _fsync_dir(table.path)
+        fsync_dir(table.path)
     return manifest
 
 
@@ -415,9 +415,3 @@ def publish(
     return manifest
 
 
-def _fsync_dir(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
