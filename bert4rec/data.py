@@ -146,7 +146,7 @@ CARRIED = -(2**62)
 PENDING_CARRIED = -(2**61)
 # an ordinal is (file index, row within file): rows per file up to 2**40
 FILE_STRIDE = 2**40
-COUNTERS = ("input_rows", "null_timestamp", "after_until_rows", "below_min_rating", "short_user_rows", "short_users", "truncated_rows", "users", "interactions")
+COUNTERS = ("input_rows", "null_timestamp", "after_until_rows", "below_min_rating", "short_user_rows", "short_users", "truncated_rows", "users", "interactions", "new_users")
 
 
 def with_ordinal(table: pa.Table, file_index: int) -> pa.Table:
@@ -230,6 +230,10 @@ def build_partition(
     """
     c = dict.fromkeys(COUNTERS, 0)
     c["input_rows"] = events.num_rows
+    if events.num_rows:
+        # users none of whose events were carried over from an earlier night
+        first = events.group_by("user_id").aggregate([(ORDINAL, "min")])[f"{ORDINAL}_min"]
+        c["new_users"] = pc.sum(pc.greater_equal(first, 0)).as_py() or 0
     c["null_timestamp"] = events["timestamp"].null_count
     if c["null_timestamp"]:
         events = events.filter(pc.is_valid(events["timestamp"]))
