@@ -32,7 +32,7 @@ import uuid
 from bert4rec import checkpoint as ckpt_lib
 from bert4rec import publish
 from bert4rec.config import EvaluateConfig, NightlyConfig, PrepareConfig, ScoreConfig, TrainConfig
-from bert4rec.io import join
+from bert4rec.io import filesystem, join
 from bert4rec.report import write_report
 
 log = logging.getLogger(__name__)
@@ -76,6 +76,20 @@ def previous_model(out: str, storage) -> dict | None:
     return {**(manifest or {}), "path": pointer["path"]} if manifest else None
 
 
+def previous_prepared(work_root: str, date: dt.date, previous: dict | None, storage) -> str | None:
+    """The prepared data the night merges into: that of the date ``latest`` points to, else
+    the newest earlier date's that has a stats.json (prepare rebuilds when it is unusable)."""
+    if previous and previous.get("path", "") < f"dt={date.isoformat()}":
+        return join(work_root, previous["path"], "prepared")
+    fs, root = filesystem(work_root, storage)
+    try:
+        dates = sorted(p.rstrip("/").rsplit("/", 1)[-1] for p in fs.ls(root, detail=False))
+    except FileNotFoundError:
+        return None
+    earlier = [d for d in dates if d.startswith("dt=") and d < f"dt={date.isoformat()}" and fs.exists(f"{root}/{d}/prepared/stats.json")]
+    return join(work_root, earlier[-1], "prepared") if earlier else None
+
+
 def nightly(cfg: NightlyConfig) -> dict:
     """Runs one night for ``cfg.date`` (default: today, UTC); returns the report."""
     _terminate_gracefully()
@@ -99,7 +113,10 @@ def _run(cfg: NightlyConfig, date: dt.date, part: str, table_uri: str, work: str
 
     t = time.time()
     prepared_uri = join(work, "prepared")
-    prepared = prepare(PrepareConfig(interactions=cfg.interactions, out=prepared_uri, until=date, storage=cfg.storage, **cfg.prepare.model_dump()))
+    prev_prepared = previous_prepared(cfg.work or join(cfg.out, "_work"), date, previous, cfg.storage)
+    prepared = prepare(
+        PrepareConfig(interactions=cfg.interactions, out=prepared_uri, until=date, previous=prev_prepared, storage=cfg.storage, **cfg.prepare.model_dump())
+    )
     timings["prepare_s"] = time.time() - t
 
     init_from, warm = None, "never"
