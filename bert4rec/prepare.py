@@ -371,8 +371,8 @@ def _rated(batch: pa.Table) -> pa.Table:
 
 def _write(cfg: PrepareConfig, histories, pending, vocab: pa.Table, stats: dict) -> None:
     """All or nothing for readers: the new histories/ and pending/ are written under a
-    staging name next to the old ones, then moved into place; stats.json, written last, is
-    the commit point (its ``run_id`` names the staging the data came from)."""
+    staging name next to the old ones, then moved into place; stats.json, removed first and
+    written last, is the commit point (its ``run_id`` names the staging the data came from)."""
     run_id = uuid.uuid4().hex[:12]
     staging = join(cfg.out, f"_staging-{run_id}")
     for name, ds, min_rows in (("histories", histories, USERS_PER_FILE), ("pending", pending, 1)):
@@ -383,6 +383,9 @@ def _write(cfg: PrepareConfig, histories, pending, vocab: pa.Table, stats: dict)
         if not ffs.exists(fpath):
             ffs.makedirs(fpath, exist_ok=True)
     fs, out_path = filesystem(cfg.out, cfg.storage)
+    # from here until the new stats.json the directory is incomplete: say so by having none
+    if fs.exists(posixpath.join(out_path, "stats.json")):
+        fs.rm(posixpath.join(out_path, "stats.json"))
     for name in ("histories", "pending"):
         src, dst = posixpath.join(filesystem(staging, cfg.storage)[1], name), posixpath.join(out_path, name)
         old = f"{dst}-old-{run_id}"
