@@ -53,6 +53,7 @@ class PrepareSettings(Strict):
         description="unit of integer timestamps; auto infers it per file from the magnitude (~1.7e9 s, ~1.7e12 ms, ...) "
         "and refuses a file that mixes units. Either way a time before 1970 or from 2100 on is refused",
     )
+    full: bool = Field(False, description="rebuild from every partition even when a previous night's prepared data could be merged into")
 
 
 def _location(uri: str) -> str:
@@ -75,6 +76,11 @@ class PrepareConfig(PrepareSettings):
     interactions: str
     out: str
     until: dt.date | None = Field(None, description="keep interactions up to and including this date (UTC)")
+    previous: str | None = Field(
+        None,
+        description="an earlier night's prepared data: only the dt= partitions after its until are read and merged into it "
+        "(rebuilt from everything when it is missing, unreadable or prepared with other settings)",
+    )
     storage: StorageConfig = StorageConfig()
 
     @model_validator(mode="after")

@@ -136,6 +136,200 @@ def timestamps_ns(col: pa.ChunkedArray | pa.Array, unit: str, source: str) -> pa
     return pa.array(ns, pa.int64(), mask=~valid)
 
 
+# columns of an events table as the history builder takes it (see ``event_table``)
+ORDINAL = "ordinal"
+PRIOR_CUT = "prior_cut"
+PRIOR_TRUNCATED = "prior_truncated"
+# ordinals of events carried over from a previous night's histories (and its pending
+# events): below any ordinal of a newly read file, so that ties in time keep them first
+CARRIED = -(2**62)
+PENDING_CARRIED = -(2**61)
+# an ordinal is (file index, row within file): rows per file up to 2**40
+FILE_STRIDE = 2**40
+COUNTERS = ("input_rows", "null_timestamp", "after_until_rows", "below_min_rating", "short_user_rows", "short_users", "truncated_rows", "users", "interactions", "new_users")
+
+
+def with_ordinal(table: pa.Table, file_index: int) -> pa.Table:
+    """A validated interactions table of the ``file_index``-th file (in sorted listing order)
+    -> the builder's events table: ``ordinal`` = file index x 2**40 + row, which keeps ties in
+    time in input order across files; ``rating`` always present (null without ratings) and
+    the carry-over columns null, so that every file yields the same schema."""
+    n = table.num_rows
+    return pa.table(
+        {
+            "user_id": table["user_id"],
+            "item_id": table["item_id"],
+            "timestamp": table["timestamp"],
+            "rating": table["rating"] if "rating" in table.column_names else pa.nulls(n, pa.float32()),
+            ORDINAL: pa.array(np.arange(n, dtype=np.int64) + file_index * FILE_STRIDE),
+            PRIOR_CUT: pa.nulls(n, pa.int64()),
+            PRIOR_TRUNCATED: pa.nulls(n, pa.list_(pa.int64())),
+        }
+    )
+
+
+def carried_events(histories: pa.Table, pending: bool = False) -> pa.Table:
+    """A previous night's histories (or pending events) -> events again, for a merge with
+    the new nights: item, time and rating of every event in their stored order (their
+    ordinals keep it, below any new file's), and on each user's first event the number of
+    events ``max_len`` cut before and their distinct ids (``truncated_item_ids``)."""
+    items, offsets = list_column(histories, "item_ids")
+    times, _ = list_column(histories, "timestamps")
+    lengths = np.diff(offsets)
+    n = len(items)
+    users = np.repeat(histories["user_id"].to_numpy(), lengths)
+    position = np.arange(n, dtype=np.int64) - np.repeat(offsets[:-1], lengths)
+    first = np.zeros(n, bool)
+    first[offsets[:-1][lengths > 0]] = True
+    prior_cut = pa.nulls(n, pa.int64())
+    prior_truncated = pa.nulls(n, pa.list_(pa.int64()))
+    if TRUNCATED_COLUMN in histories.column_names and n:
+        cut_ids = histories[TRUNCATED_COLUMN].combine_chunks()
+        cut_n = histories["truncated_rows"].to_numpy() if "truncated_rows" in histories.column_names else np.zeros(len(lengths), np.int64)
+        owner = np.repeat(np.arange(len(lengths)), lengths)[first]
+        prior_cut = pa.array(np.where(first, np.repeat(cut_n, lengths), 0), pa.int64(), mask=~first)
+        taken = cut_ids.take(pa.array(owner))
+        # a list per first event, null elsewhere
+        idx = np.full(n, -1, np.int64)
+        idx[first] = np.arange(len(owner))
+        prior_truncated = taken.take(pa.array(idx, mask=idx < 0))
+    ratings = (
+        pa.array(list_column(histories, "ratings")[0], pa.float32()) if "ratings" in histories.column_names else pa.nulls(n, pa.float32())
+    )
+    return pa.table(
+        {
+            "user_id": pa.array(users, pa.int64()),
+            "item_id": pa.array(items, pa.int64()),
+            "timestamp": pa.array(times, pa.int64()),
+            "rating": ratings,
+            ORDINAL: pa.array(position + (PENDING_CARRIED if pending else CARRIED)),
+            PRIOR_CUT: prior_cut,
+            PRIOR_TRUNCATED: prior_truncated,
+        }
+    )
+
+
+def build_partition(
+    events: pa.Table,
+    min_rating: float | None = None,
+    min_user_interactions: int = 5,
+    max_len: int | None = None,
+    before_ns: int | None = None,
+    with_ratings: bool = True,
+) -> tuple[pa.Table, pa.Table, dict]:
+    """Events (see :func:`with_ordinal`) of whole users -> ``(histories, pending, counters)``.
+
+    histories: one row per user with at least ``min_user_interactions`` events, sorted by
+    ``user_id``: ``item_ids``, ``timestamps`` (ns, oldest first, ties in ``ordinal`` order)
+    [, ``ratings``]; with ``max_len`` the latest ``max_len`` events, ``truncated_item_ids``
+    (distinct ids cut before them, with those cut on earlier nights) and ``truncated_rows``.
+    pending: the events a later night may still need, one row per user, same columns less the
+    truncation: users too short, and events after ``before_ns`` (dropped today, inside the
+    window tomorrow). counters: what was dropped and why (the ``COUNTERS``); pure sums over
+    users, so that counters of disjoint sets of users add up. No users is no error here.
+    """
+    c = dict.fromkeys(COUNTERS, 0)
+    c["input_rows"] = events.num_rows
+    if events.num_rows:
+        # users none of whose events were carried over from an earlier night
+        first = events.group_by("user_id").aggregate([(ORDINAL, "min")])[f"{ORDINAL}_min"]
+        c["new_users"] = pc.sum(pc.greater_equal(first, 0)).as_py() or 0
+    c["null_timestamp"] = events["timestamp"].null_count
+    if c["null_timestamp"]:
+        events = events.filter(pc.is_valid(events["timestamp"]))
+    later = None
+    if before_ns is not None:
+        keep = pc.less(events["timestamp"], before_ns)
+        later = events.filter(pc.invert(keep))
+        c["after_until_rows"] = later.num_rows
+        events = events.filter(keep)
+    if min_rating is not None:
+        keep = pc.fill_null(pc.greater_equal(events["rating"], min_rating), False)
+        c["below_min_rating"] = events.num_rows - (pc.sum(keep).as_py() or 0)
+        events = events.filter(keep)
+
+    events = events.sort_by([("user_id", "ascending"), ("timestamp", "ascending"), (ORDINAL, "ascending")])
+    users = events["user_id"].to_numpy()
+    starts = np.flatnonzero(np.r_[True, users[1:] != users[:-1]]) if len(users) else np.array([], dtype=np.int64)
+    lengths = np.diff(np.r_[starts, len(users)])
+    # events cut on earlier nights still count towards a user's length
+    prior_cut = pc.fill_null(events[PRIOR_CUT], 0).to_numpy()
+    prior_cut = np.add.reduceat(prior_cut, starts) if len(starts) else np.zeros(0, np.int64)
+
+    keep_user = lengths + prior_cut >= min_user_interactions
+    c["short_user_rows"] = int(lengths[~keep_user].sum())
+    c["short_users"] = int((~keep_user).sum())
+    short = _ranges(starts[~keep_user], lengths[~keep_user])
+    starts, lengths, prior_cut = starts[keep_user], lengths[keep_user], prior_cut[keep_user]
+    all_items = events["item_id"].to_numpy()
+    columns: dict = {}
+    if max_len is not None:
+        # keep the most recent max_len items; what is cut stays known as seen
+        cut = np.maximum(lengths - max_len, 0)
+        c["truncated_rows"] = int(cut.sum())
+        earlier = _earlier_cuts(events, starts, lengths)
+        cut_items = np.concatenate([all_items[_ranges(starts, cut)], earlier[0]])
+        owner_lengths = cut + earlier[1]
+        # group each user's new and earlier cut ids together before taking distinct ones
+        order = np.argsort(np.r_[np.repeat(np.arange(len(cut)), cut), np.repeat(np.arange(len(cut)), earlier[1])], kind="stable")
+        columns[TRUNCATED_COLUMN] = distinct_per_user(cut_items[order], owner_lengths)
+        columns["truncated_rows"] = pa.array(prior_cut + cut, pa.int64())
+        starts, lengths = starts + cut, lengths - cut
+    take = _ranges(starts, lengths)
+    histories = _lists(events.take(pa.array(take)), lengths, with_ratings)
+    for name, col in columns.items():
+        histories = histories.append_column(name, col)
+    c["users"], c["interactions"] = histories.num_rows, int(lengths.sum())
+
+    pending = events.take(pa.array(short))
+    if later is not None and later.num_rows:
+        pending = pa.concat_tables([pending, later]).sort_by([("user_id", "ascending"), ("timestamp", "ascending"), (ORDINAL, "ascending")])
+    pu = pending["user_id"].to_numpy()
+    pstarts = np.flatnonzero(np.r_[True, pu[1:] != pu[:-1]]) if len(pu) else np.array([], dtype=np.int64)
+    pending = _lists(pending, np.diff(np.r_[pstarts, len(pu)]), with_ratings)
+    return histories, pending, c
+
+
+def _earlier_cuts(events: pa.Table, starts: np.ndarray, lengths: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per kept user (``starts``/``lengths`` into the sorted events): the ids cut on earlier
+    nights (their ``prior_truncated`` lists), flat, and how many per user."""
+    col = events[PRIOR_TRUNCATED].combine_chunks()
+    if col.null_count == len(col):
+        return np.zeros(0, np.int64), np.zeros(len(starts), np.int64)
+    owner = np.full(len(col), -1, np.int64)
+    owner[_ranges(starts, lengths)] = np.repeat(np.arange(len(starts)), lengths)
+    sizes = pc.fill_null(pc.list_value_length(col), 0).to_numpy()
+    flat = pc.list_flatten(col).to_numpy()
+    flat_owner = np.repeat(owner, sizes)
+    mine = flat_owner >= 0
+    flat, flat_owner = flat[mine], flat_owner[mine]
+    order = np.argsort(flat_owner, kind="stable")
+    return flat[order], np.bincount(flat_owner, minlength=len(starts))
+
+
+def _lists(events: pa.Table, lengths: np.ndarray, with_ratings: bool) -> pa.Table:
+    """Sorted events, ``lengths`` consecutive rows per user -> one row per user."""
+    starts = np.r_[0, np.cumsum(lengths)[:-1]].astype(np.int64)
+    offsets = pa.array(list_offsets(lengths))
+    columns = {
+        "user_id": pa.array(events["user_id"].to_numpy()[starts] if len(lengths) else np.zeros(0, np.int64), pa.int64()),
+        "item_ids": pa.ListArray.from_arrays(offsets, events["item_id"].combine_chunks()),
+        "timestamps": pa.ListArray.from_arrays(offsets, events["timestamp"].combine_chunks()),
+    }
+    if with_ratings:
+        columns["ratings"] = pa.ListArray.from_arrays(offsets, events["rating"].combine_chunks().cast(pa.float32()))
+    return pa.table(columns)
+
+
+def list_offsets(lengths: np.ndarray) -> np.ndarray:
+    """int32 list offsets for ``lengths``, summed in int64: a block whose lists hold more
+    than 2**31 - 1 values in all is refused rather than wrapped around."""
+    ends = np.cumsum(lengths, dtype=np.int64)
+    if len(ends) and ends[-1] > np.iinfo(np.int32).max:
+        raise ValueError(f"{int(ends[-1])} list values in one block: more than an int32 offset holds; use more partitions")
+    return np.r_[0, ends].astype(np.int32)
+
+
 def build_histories(
     table: pa.Table,
     min_rating: float | None = None,
@@ -143,10 +337,9 @@ def build_histories(
     max_len: int | None = None,
     before_ns: int | None = None,
 ) -> tuple[pa.Table, dict]:
-    """Validated interactions -> one row per user: ``user_id``, ``item_ids`` (oldest first)
-    [, ``ratings``], sorted by ``user_id``. Ties in time keep their input order. With
-    ``max_len``, ``item_ids`` keeps the latest ``max_len`` items and ``truncated_item_ids``
-    lists the distinct ids of the items cut before them (empty when none were).
+    """Validated interactions (one table, in input order) -> histories, one row per user,
+    sorted by ``user_id`` (see :func:`build_partition`). Ties in time keep their input order.
+    The single-process form of what ``prepare`` runs per partition, and its reference.
 
     ``before_ns``: rows at or after this time (ns, see :func:`validate_interactions`) are dropped.
 
@@ -155,59 +348,29 @@ def build_histories(
     """
     if table.num_rows == 0:
         raise InputError("the interactions table is empty")
-    stats: dict = {"input_rows": table.num_rows, "dropped": {}}
-    ts_null = table["timestamp"].null_count
-    if ts_null:
-        table = table.filter(pc.is_valid(table["timestamp"]))
-    stats["dropped"]["null_timestamp"] = ts_null
-    if before_ns is not None:
-        keep = pc.less(table["timestamp"], before_ns)
-        stats["dropped"]["after_until_rows"] = table.num_rows - pc.sum(keep).as_py() if table.num_rows else 0
-        table = table.filter(keep)
-    if min_rating is not None:
-        if "rating" not in table.column_names:
-            raise InputError("--min-rating was given but the interactions have no 'rating' column")
-        keep = pc.fill_null(pc.greater_equal(table["rating"], min_rating), False)
-        stats["dropped"]["below_min_rating"] = table.num_rows - pc.sum(keep).as_py() if table.num_rows else 0
-        table = table.filter(keep)
-
-    # an explicit row number makes the sort stable for equal (user, timestamp)
-    table = table.append_column("_row", pa.array(np.arange(table.num_rows, dtype=np.int64)))
-    table = table.sort_by([("user_id", "ascending"), ("timestamp", "ascending"), ("_row", "ascending")])
-    users = table["user_id"].to_numpy()
-    starts = np.flatnonzero(np.r_[True, users[1:] != users[:-1]]) if len(users) else np.array([], dtype=np.int64)
-    lengths = np.diff(np.r_[starts, len(users)])
-
-    keep_user = lengths >= min_user_interactions
-    stats["dropped"]["short_user_rows"] = int(lengths[~keep_user].sum())
-    stats["dropped"]["short_users"] = int((~keep_user).sum())
-    starts, lengths = starts[keep_user], lengths[keep_user]
-    all_items = table["item_id"].to_numpy()
-    truncated = None
-    if max_len is not None:
-        # keep the most recent max_len items; what is cut stays known as seen
-        cut = np.maximum(lengths - max_len, 0)
-        stats["dropped"]["truncated_rows"] = int(cut.sum())
-        truncated = distinct_per_user(all_items[_ranges(starts, cut)], cut)
-        starts, lengths = starts + cut, lengths - cut
-    take = _ranges(starts, lengths)
-    offsets = pa.array(np.r_[0, np.cumsum(lengths)].astype(np.int32))
-
-    items = all_items[take]
-    columns = {
-        "user_id": pa.array(users[starts] if len(starts) else np.array([], dtype=np.int64)),
-        "item_ids": pa.ListArray.from_arrays(offsets, pa.array(items)),
-    }
-    if truncated is not None:
-        columns[TRUNCATED_COLUMN] = truncated
-    if "rating" in table.column_names:
-        ratings = table["rating"].to_numpy(zero_copy_only=False)[take].astype(np.float32)
-        columns["ratings"] = pa.ListArray.from_arrays(offsets, pa.array(ratings))
-    histories = pa.table(columns)
-    stats.update(users=histories.num_rows, interactions=int(lengths.sum()), items=int(len(np.unique(items))))
+    if min_rating is not None and "rating" not in table.column_names:
+        raise InputError("--min-rating was given but the interactions have no 'rating' column")
+    histories, _, c = build_partition(with_ordinal(table, 0), min_rating, min_user_interactions, max_len, before_ns, "rating" in table.column_names)
+    stats = counters_to_stats(c, min_rating, max_len, before_ns)
+    stats["items"] = int(len(np.unique(pc.list_flatten(histories["item_ids"]).to_numpy())))
     if histories.num_rows == 0:
         raise InputError(f"no user has at least {min_user_interactions} interactions after filtering: {stats['dropped']}")
     return histories, stats
+
+
+def counters_to_stats(c: dict, min_rating: float | None, max_len: int | None, before_ns: int | None) -> dict:
+    """Summed counters -> the stats layout of ``stats.json`` (a ``dropped`` entry per filter
+    that was on); ``items`` is left to the caller (it is the vocabulary's size)."""
+    dropped = {"null_timestamp": c["null_timestamp"]}
+    if before_ns is not None:
+        dropped["after_until_rows"] = c["after_until_rows"]
+    if min_rating is not None:
+        dropped["below_min_rating"] = c["below_min_rating"]
+    dropped["short_user_rows"] = c["short_user_rows"]
+    dropped["short_users"] = c["short_users"]
+    if max_len is not None:
+        dropped["truncated_rows"] = c["truncated_rows"]
+    return {"input_rows": c["input_rows"], "dropped": dropped, "users": c["users"], "interactions": c["interactions"]}
 
 
 def _ranges(starts: np.ndarray, lengths: np.ndarray) -> np.ndarray:
@@ -224,7 +387,7 @@ def distinct_per_user(items: np.ndarray, lengths: np.ndarray) -> pa.ListArray:
     first = np.r_[True, (owner[1:] != owner[:-1]) | (items[1:] != items[:-1])] if len(items) else np.zeros(0, bool)
     owner, items = owner[first], items[first]
     counts = np.bincount(owner, minlength=len(lengths))
-    offsets = pa.array(np.r_[0, np.cumsum(counts)].astype(np.int32))
+    offsets = pa.array(list_offsets(counts))
     return pa.ListArray.from_arrays(offsets, pa.array(items.astype(np.int64), pa.int64()))
 
 

@@ -106,6 +106,19 @@ def served_checkpoint(previous: dict, work_root: Location) -> str | None:
     return uri if night_of(uri, work_root) else None
 
 
+def previous_prepared(work_root: Location, date: dt.date, previous: dict | None) -> str | None:
+    """The prepared data the night merges its new partitions into: that of the previous
+    model's date, else the newest earlier date's that has a stats.json (prepare rebuilds from
+    everything when it is unusable). Only ``dt=YYYY-MM-DD`` directories of the work root."""
+    part = f"dt={date.isoformat()}"
+    path = (previous or {}).get("path")
+    if isinstance(path, str) and partition_date(path) is not None and path < part and work_root.join(path, "prepared", "stats.json").exists():
+        return work_root.join(path, "prepared").uri
+    names = sorted(c["name"] for c in work_root.children() if partition_date(c["name"]) is not None and c["name"] < part)
+    earlier = [n for n in names if work_root.join(n, "prepared", "stats.json").exists()]
+    return work_root.join(earlier[-1], "prepared").uri if earlier else None
+
+
 def run_date(requested: dt.date | None, today: dt.date) -> dt.date:
     """The night's date: ``requested`` (default ``today``), refused when after ``today``: no
     data exists for it yet, and publishing it would hold ``latest`` in the future."""
@@ -175,7 +188,10 @@ def _run(cfg: NightlyConfig, date: dt.date, part: str, table_uri: str, work: str
 
     prepared_uri = join(work, "prepared")
     with stage("prepare", timings):
-        prepared = prepare(PrepareConfig(interactions=cfg.interactions, out=prepared_uri, until=date, storage=cfg.storage, **cfg.prepare.model_dump()))
+        prev_prepared = previous_prepared(work_root, date, previous)
+        prepared = prepare(
+            PrepareConfig(interactions=cfg.interactions, out=prepared_uri, until=date, previous=prev_prepared, storage=cfg.storage, **cfg.prepare.model_dump())
+        )
 
     init_from, warm = None, "never"
     prev_uri = served_checkpoint(previous, work_root) if previous else None

@@ -1,27 +1,50 @@
 """``bert4rec prepare``: interactions (Parquet, MovieLens ``ratings.dat``/``ratings.csv``)
--> time-ordered histories, the item vocabulary and stats, written under ``--out``:
+-> time-ordered histories, the item vocabulary and stats, as a Ray Data pipeline whose
+driver holds no table (only listings, counters and the V-row vocabulary):
 
-    <out>/histories/part-00000.parquet   user_id, item_ids (oldest first)[, ratings]
-    <out>/vocab.parquet                  item_id, token (1..V), count
-    <out>/stats.json                     users, items, interactions, dropped rows and why
+    read + validate each file (a task per file) -> hash shuffle by user_id
+    -> data.build_partition on each whole partition -> write, vocabulary and stats
+
+Written under ``--out``:
+
+    <out>/histories/*.parquet   user_id, item_ids, timestamps (oldest first)[, ratings][, truncated_item_ids, truncated_rows]
+    <out>/pending/*.parquet     events a later night may need (short users, events after until); never model input
+    <out>/vocab.parquet         item_id, token (1..V), count
+    <out>/stats.json            users, items, interactions, dropped rows and why, mode; written last
+
+With ``previous`` (the prepared data of an earlier night), only the ``dt=`` partitions after
+its ``until`` are read and merged into its histories and pending events (``mode``
+"incremental"); the result equals a rebuild from everything.
 """
 
 from __future__ import annotations
 
 import csv
 import datetime as dt
+import json
+import math
+import os
+import posixpath
 import re
+import uuid
 
+import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.csv as pacsv
 
 from bert4rec import data
 from bert4rec.config import PrepareConfig, StorageConfig
-from bert4rec.io import InputError, exists, filesystem, join, parquet_files, read_parquet, write_json, write_parquet
+from bert4rec.io import InputError, arrow_filesystem, exists, filesystem, is_s3, join, parquet_files, read_json, read_parquet, write_json, write_parquet
 
 # several files even for mid-sized tables: Ray Data reads a file as one block, so files are
 # what lets several scoring actors share the work
 USERS_PER_FILE = 50_000
+# events per shuffle partition: ~40 bytes an event keeps a partition near 80 MB, well inside
+# a worker's memory, and a partition's lists far from the int32 offset limit
+EVENTS_PER_PARTITION = 2_000_000
+# the prepare settings whose change makes a previous night's data unusable for a merge
+MERGE_SETTINGS = ("min_rating", "min_user_interactions", "max_len", "timestamp_unit", "source")
 _PARTITION = re.compile(r"dt=(\d{4}-\d{2}-\d{2})")
 DAT_FIELDS = ("user_id", "item_id", "rating", "timestamp")
 _DAT_TYPES = {"user_id": pa.int64(), "item_id": pa.int64(), "rating": pa.float64(), "timestamp": pa.int64()}
@@ -29,30 +52,51 @@ _DAT_TYPES = {"user_id": pa.int64(), "item_id": pa.int64(), "rating": pa.float64
 _CSV_INT_COLUMNS = ("user_id", "item_id", "timestamp", *data.COLUMN_ALIASES)
 
 
-def read_interactions(uri: str, storage: StorageConfig | None = None, until: dt.date | None = None, timestamp_unit: str = "auto") -> pa.Table:
-    """Reads interactions from Parquet (a file, a directory, or a ``dt=YYYY-MM-DD``
-    partitioned directory, of which only partitions up to ``until`` are read), or from
-    MovieLens' ``ratings.dat`` (``::``-separated) or ``ratings.csv``. Rows after ``until``
-    inside the files read are kept: ``data.build_histories`` drops and counts them."""
+def partition_date(path: str) -> dt.date | None:
+    """The date of the ``dt=YYYY-MM-DD`` partition a file is in, or None."""
+    m = _PARTITION.search(path)
+    return dt.date.fromisoformat(m.group(1)) if m else None
+
+
+def list_inputs(uri: str, storage: StorageConfig | None = None, until: dt.date | None = None) -> list[str]:
+    """The interaction files to read, as URIs in sorted listing order (their index is their
+    rank for ties in time): ``uri`` itself for ``.dat``/``.csv``, else its Parquet files, of
+    which partitions after ``until`` are left out here, before anything is read."""
     fs, path = filesystem(uri, storage)
     if not exists(uri, storage):
         raise InputError(f"--interactions {uri}: no such file or directory")
     if path.endswith((".dat", ".csv")):
+        return [uri]
+    files = parquet_files(uri, storage)
+    if until is not None:
+        # date partitions after the run date are not read at all
+        files = [f for f in files if (d := partition_date(f)) is None or d <= until]
+        if not files:
+            raise InputError(f"--interactions {uri}: no partition on or before {until}")
+    return [("s3://" + f) if is_s3(uri) else f for f in files]
+
+
+def read_file(uri: str, storage: StorageConfig | None = None, timestamp_unit: str = "auto") -> pa.Table:
+    """One interactions file (Parquet, ``ratings.dat`` or ``ratings.csv``), validated; errors
+    name the file and its first bad row or line."""
+    fs, path = filesystem(uri, storage)
+    if path.endswith((".dat", ".csv")):
         raw = fs.cat_file(path)
         table = read_dat(raw, uri) if path.endswith(".dat") else read_csv(raw, uri)
-        table = data.validate_interactions(table, uri, timestamp_unit)
     else:
-        files = parquet_files(uri, storage)
-        if until is not None:
-            # date partitions after the run date are not read at all
-            files = [f for f in files if not (m := _PARTITION.search(f)) or dt.date.fromisoformat(m.group(1)) <= until]
-            if not files:
-                raise InputError(f"--interactions {uri}: no partition on or before {until}")
-        tables = []
-        for f in files:
-            src = ("s3://" + f) if uri.startswith("s3") else f
-            tables.append(data.validate_interactions(read_parquet(src, storage), src, timestamp_unit))
-        table = pa.concat_tables(tables, promote_options="permissive")
+        table = read_parquet(uri, storage)
+    return data.validate_interactions(table, uri, timestamp_unit)
+
+
+def read_interactions(uri: str, storage: StorageConfig | None = None, until: dt.date | None = None, timestamp_unit: str = "auto") -> pa.Table:
+    """Reads interactions from Parquet (a file, a directory, or a ``dt=YYYY-MM-DD``
+    partitioned directory, of which only partitions up to ``until`` are read), or from
+    MovieLens' ``ratings.dat`` (``::``-separated) or ``ratings.csv``, into one table in this
+    process: for small inputs and tests; ``prepare`` reads the same files in Ray tasks.
+    Rows after ``until`` inside the files read are kept: ``data.build_histories`` drops and
+    counts them."""
+    tables = [read_file(f, storage, timestamp_unit) for f in list_inputs(uri, storage, until)]
+    table = pa.concat_tables(tables, promote_options="permissive")
     if table.num_rows == 0:
         raise InputError(f"--interactions {uri}: the interactions table is empty (no rows in any file)")
     return table
@@ -111,31 +155,246 @@ def read_csv(raw: bytes, uri: str) -> pa.Table:
         raise InputError(f"{uri}: cannot read as CSV: {str(e).splitlines()[0]}") from e
 
 
-def prepare(cfg: PrepareConfig) -> dict:
-    """Reads, validates and transforms everything first; writes only when all of it succeeded."""
-    table = read_interactions(cfg.interactions, cfg.storage, cfg.until, cfg.timestamp_unit)
-    # events on the run date are kept: the bound is the next midnight (UTC), exclusive
-    before_ns = None
-    if cfg.until is not None:
-        before_ns = int(dt.datetime.combine(cfg.until + dt.timedelta(days=1), dt.time(), dt.timezone.utc).timestamp()) * data.UNIT_NS["s"]
-    histories, stats = data.build_histories(table, cfg.min_rating, cfg.min_user_interactions, cfg.max_len, before_ns=before_ns)
-    vocab = data.build_vocab(histories)
-    stats = {
-        **stats,
+# ---------------------------------------------------------------- per-block transforms (Ray calls these)
+
+
+def read_block(batch: pa.Table, storage: StorageConfig | None, timestamp_unit: str) -> pa.Table:
+    """A batch of ``index``, ``uri`` rows (files) -> their validated events with ordinals."""
+    tables = [data.with_ordinal(read_file(u, storage, timestamp_unit), i) for i, u in zip(batch["index"].to_pylist(), batch["uri"].to_pylist())]
+    return pa.concat_tables(tables)
+
+
+def carried_block(batch: pa.Table, pending: bool) -> pa.Table:
+    return data.carried_events(batch, pending)
+
+
+def build_block(events: pa.Table, settings: dict) -> pa.Table:
+    """One whole hash partition -> one table: histories (kind 0), pending users (kind 1) and
+    one row of counters (kind 2, JSON), so that a single pass yields all three."""
+    hist, pending, counters = data.build_partition(events, **settings)
+    counter_row = pa.table({"counters": pa.array([json.dumps(counters)])})
+    tagged = [t.append_column("kind", pa.array(np.full(t.num_rows, k, np.int8))) for k, t in ((0, hist), (1, pending), (2, counter_row))]
+    return pa.concat_tables(tagged, promote_options="default")
+
+
+def select_kind(batch: pa.Table, kind: int, columns: list[str]) -> pa.Table:
+    return batch.filter(pc.equal(batch["kind"], kind)).select(columns)
+
+
+def item_counts(batch: pa.Table) -> pa.Table:
+    """Histories -> (item_id, count) of this block; summed over blocks by Ray."""
+    ids, counts = np.unique(pc.list_flatten(batch["item_ids"]).to_numpy(), return_counts=True)
+    return pa.table({"item_id": pa.array(ids, pa.int64()), "count": pa.array(counts, pa.int64())})
+
+
+def vocab_from_counts(counts: pa.Table) -> pa.Table:
+    """Summed (item_id, count) rows in any order -> the vocabulary: ascending ``item_id``,
+    ``token`` 1..V, ``count``."""
+    counts = counts.sort_by("item_id")
+    return pa.table({"item_id": counts["item_id"].cast(pa.int64()), "token": pa.array(np.arange(1, counts.num_rows + 1), pa.int32()), "count": counts["count"].cast(pa.int64())})
+
+
+# ---------------------------------------------------------------- incremental or full
+
+
+def merge_plan(cfg: PrepareConfig, files: list[str]) -> tuple[str, str, dict | None, list[str]]:
+    """Whether this run can merge into ``cfg.previous``: ``(mode, reason, previous stats,
+    files to read)``. A merge needs dt= partitions throughout, the same settings, and a
+    previous set of this layout (timestamps, pending) from an earlier date."""
+    if cfg.full:
+        return "full", "full rebuild requested", None, files
+    if not cfg.previous:
+        return "full", "no previous prepared data", None, files
+    try:
+        prev = read_json(join(cfg.previous, "stats.json"), cfg.storage)
+        if not isinstance(prev, dict) or not isinstance(prev.get("layout"), int):
+            raise ValueError("no layout version (prepared by an older release)")
+        for name in ("histories", "pending"):
+            if not exists(join(cfg.previous, name), cfg.storage):
+                raise ValueError(f"no {name}/")
+    except Exception as e:  # anything unreadable or odd in storage means: rebuild
+        return "full", f"previous prepared data {cfg.previous} unusable: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}", None, files
+    if prev["layout"] != LAYOUT:
+        return "full", f"previous prepared data has layout {prev['layout']}, this release writes {LAYOUT}", None, files
+    ours = {**_settings(cfg)}
+    changed = [k for k in MERGE_SETTINGS if prev.get(k) != ours[k]]
+    if changed:
+        return "full", f"settings changed since {cfg.previous}: {', '.join(changed)}", None, files
+    if cfg.until is None or prev.get("until") is None:
+        return "full", "a merge needs until on both nights", None, files
+    prev_until = dt.date.fromisoformat(prev["until"])
+    if prev_until >= cfg.until:
+        return "full", f"previous prepared data is of {prev_until}, not before {cfg.until}", None, files
+    if any(partition_date(f) is None for f in files):
+        return "full", "the interactions are not all in dt= partitions", None, files
+    new = [f for f in files if partition_date(f) > prev_until]
+    return "incremental", f"merged partitions after {prev_until} into {cfg.previous}", prev, new
+
+
+def _settings(cfg: PrepareConfig) -> dict:
+    return {
         "source": cfg.interactions,
-        "until": str(cfg.until) if cfg.until else None,
         "min_rating": cfg.min_rating,
         "min_user_interactions": cfg.min_user_interactions,
         "max_len": cfg.max_len,
         "timestamp_unit": cfg.timestamp_unit,
     }
 
-    hist_uri = join(cfg.out, "histories")
-    fs, hist_path = filesystem(hist_uri, cfg.storage)
-    if fs.exists(hist_path):
-        fs.rm(hist_path, recursive=True)
-    for i, start in enumerate(range(0, histories.num_rows, USERS_PER_FILE)):
-        write_parquet(histories.slice(start, USERS_PER_FILE), join(hist_uri, f"part-{i:05d}.parquet"), cfg.storage)
-    write_parquet(vocab, join(cfg.out, "vocab.parquet"), cfg.storage)
-    write_json(stats, join(cfg.out, "stats.json"), cfg.storage)
+
+# stats.json "layout": what a merge needs (timestamps, pending/, truncated_rows) is there
+LAYOUT = 2
+
+
+# ---------------------------------------------------------------- the pipeline
+
+
+def prepare(cfg: PrepareConfig) -> dict:
+    """Runs the pipeline on the Ray cluster this process is connected to (or a local one).
+    Validates everything before it writes; writes into staging, moves it into place, and
+    writes stats.json last."""
+    try:
+        return _prepare(cfg)
+    except Exception as e:
+        # a bad file found inside a Ray task still reaches the user as one line
+        raise _input_error(e) or e
+
+
+def _input_error(e: BaseException | None) -> InputError | None:
+    seen = set()
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        if isinstance(e, InputError):
+            return InputError(str(e))
+        e = getattr(e, "cause", None) if isinstance(getattr(e, "cause", None), BaseException) else (e.__cause__ or e.__context__)
+    return None
+
+
+def _prepare(cfg: PrepareConfig) -> dict:
+    import ray
+    import ray.data
+
+    if not ray.is_initialized():
+        ray.init(address=os.environ.get("RAY_ADDRESS"), logging_level="WARNING")
+    all_files = list_inputs(cfg.interactions, cfg.storage, cfg.until)
+    mode, reason, prev, files = merge_plan(cfg, all_files)
+    index = {f: i for i, f in enumerate(all_files)}
+    items = [{"index": index[f], "uri": f} for f in files]
+
+    settings = _settings(cfg)
+    parts = []
+    if items:
+        parts.append(
+            ray.data.from_items(items, override_num_blocks=len(items)).map_batches(
+                read_block, batch_size=1, batch_format="pyarrow", fn_kwargs={"storage": cfg.storage, "timestamp_unit": cfg.timestamp_unit}
+            )
+        )
+    if prev is not None:
+        for name in ("histories", "pending"):
+            fs, path = arrow_filesystem(join(cfg.previous, name), cfg.storage)
+            parts.append(ray.data.read_parquet(path, filesystem=fs).map_batches(carried_block, batch_format="pyarrow", fn_kwargs={"pending": name == "pending"}))
+    events = parts[0].union(*parts[1:]) if len(parts) > 1 else parts[0]
+    events = events.materialize()
+    new_rows = sum(r for r in _new_rows(events, prev))
+    if mode == "full" and new_rows == 0:
+        raise InputError(f"--interactions {cfg.interactions}: the interactions table is empty (no rows in any file)")
+    total = events.count()
+    with_ratings = _has_ratings(events, prev)
+    if cfg.min_rating is not None and not with_ratings:
+        raise InputError("--min-rating was given but the interactions have no 'rating' column")
+
+    before_ns = None
+    if cfg.until is not None:
+        # events on the run date are kept: the bound is the next midnight (UTC), exclusive
+        before_ns = int(dt.datetime.combine(cfg.until + dt.timedelta(days=1), dt.time(), dt.timezone.utc).timestamp()) * data.UNIT_NS["s"]
+    n = max(1, math.ceil(total / EVENTS_PER_PARTITION))
+    # a partition must reach build_block whole (users split over two blocks would give two
+    # rows): no splitting of shuffle outputs into 128 MB blocks
+    events.context.target_max_block_size = None
+    build = {"min_rating": cfg.min_rating, "min_user_interactions": cfg.min_user_interactions, "max_len": cfg.max_len, "before_ns": before_ns, "with_ratings": with_ratings}
+    built = events.repartition(n, keys=["user_id"]).map_batches(build_block, batch_size=None, batch_format="pyarrow", fn_kwargs={"settings": build}).materialize()
+
+    counters = dict.fromkeys(data.COUNTERS, 0)
+    for row in built.map_batches(select_kind, batch_format="pyarrow", fn_kwargs={"kind": 2, "columns": ["counters"]}).take_all():
+        for k, v in json.loads(row["counters"]).items():
+            counters[k] += v
+    if prev is not None:
+        # carried events were counted on their first night; the rows dropped for good then are added back
+        counters["input_rows"] = prev["input_rows"] + new_rows
+        for k in ("null_timestamp", "below_min_rating", "truncated_rows"):
+            counters[k] += prev["dropped"].get(k, 0)
+    stats = data.counters_to_stats(counters, cfg.min_rating, cfg.max_len, before_ns)
+    if stats["users"] == 0:
+        raise InputError(f"no user has at least {cfg.min_user_interactions} interactions after filtering: {stats['dropped']}")
+
+    hist_columns = ["user_id", "item_ids", "timestamps"] + (["ratings"] if with_ratings else []) + ([data.TRUNCATED_COLUMN, "truncated_rows"] if cfg.max_len is not None else [])
+    pending_columns = ["user_id", "item_ids", "timestamps"] + (["ratings"] if with_ratings else [])
+    histories = built.map_batches(select_kind, batch_format="pyarrow", fn_kwargs={"kind": 0, "columns": hist_columns})
+    pending = built.map_batches(select_kind, batch_format="pyarrow", fn_kwargs={"kind": 1, "columns": pending_columns})
+    counts = histories.map_batches(item_counts, batch_format="pyarrow").groupby("item_id").sum("count").rename_columns(["item_id", "count"])
+    vocab = vocab_from_counts(pa.concat_tables([pa.Table.from_pandas(b, preserve_index=False) if not isinstance(b, pa.Table) else b for b in ray.get(counts.to_arrow_refs())]))
+    stats = {
+        **stats,
+        "items": vocab.num_rows,
+        **settings,
+        "until": str(cfg.until) if cfg.until else None,
+        "layout": LAYOUT,
+        "mode": mode,
+        "mode_reason": reason,
+        "new_rows": new_rows,
+        "new_users": counters["new_users"],
+    }
+    _write(cfg, histories, pending, vocab, stats)
     return {"out": cfg.out, **stats}
+
+
+def _new_rows(events, prev) -> list[int]:
+    """Rows read from the interaction files this run (carried events have negative ordinals)."""
+    if prev is None:
+        return [events.count()]
+    return [int(r["n"]) for r in events.map_batches(_count_new, batch_format="pyarrow").take_all()]
+
+
+def _count_new(batch: pa.Table) -> pa.Table:
+    return pa.table({"n": [pc.sum(pc.greater_equal(batch[data.ORDINAL], 0)).as_py() or 0]})
+
+
+def _has_ratings(events, prev) -> bool:
+    rated = events.map_batches(_rated, batch_format="pyarrow").take_all()
+    return any(r["rated"] for r in rated)
+
+
+def _rated(batch: pa.Table) -> pa.Table:
+    # a file without a rating column has a null one here; one with ratings has at least one value
+    # (a rating column of nulls only reads as no ratings: nothing to filter or embed)
+    return pa.table({"rated": [batch["rating"].null_count < batch.num_rows]})
+
+
+def _write(cfg: PrepareConfig, histories, pending, vocab: pa.Table, stats: dict) -> None:
+    """All or nothing for readers: the new histories/ and pending/ are written under a
+    staging name next to the old ones, then moved into place; stats.json, removed first and
+    written last, is the commit point (its ``run_id`` names the staging the data came from)."""
+    run_id = uuid.uuid4().hex[:12]
+    staging = join(cfg.out, f"_staging-{run_id}")
+    for name, ds, min_rows in (("histories", histories, USERS_PER_FILE), ("pending", pending, 1)):
+        fs, path = arrow_filesystem(join(staging, name), cfg.storage)
+        # files of at most USERS_PER_FILE users: several files let several scoring actors share the work
+        ds.repartition(target_num_rows_per_block=USERS_PER_FILE).write_parquet(path, filesystem=fs, compression="zstd")
+        ffs, fpath = filesystem(join(staging, name), cfg.storage)
+        if not ffs.exists(fpath):
+            ffs.makedirs(fpath, exist_ok=True)
+    fs, out_path = filesystem(cfg.out, cfg.storage)
+    # from here until the new stats.json the directory is incomplete: say so by having none
+    if fs.exists(posixpath.join(out_path, "stats.json")):
+        fs.rm(posixpath.join(out_path, "stats.json"))
+    for name in ("histories", "pending"):
+        src, dst = posixpath.join(filesystem(staging, cfg.storage)[1], name), posixpath.join(out_path, name)
+        old = f"{dst}-old-{run_id}"
+        if fs.exists(dst):
+            fs.mv(dst, old, recursive=True)
+        fs.mv(src, dst, recursive=True)
+        if fs.exists(old):
+            fs.rm(old, recursive=True)
+    if fs.exists(posixpath.join(out_path, f"_staging-{run_id}")):
+        fs.rm(posixpath.join(out_path, f"_staging-{run_id}"), recursive=True)
+    write_parquet(vocab, join(cfg.out, "vocab.parquet"), cfg.storage)
+    write_json({**stats, "run_id": run_id}, join(cfg.out, "stats.json"), cfg.storage)

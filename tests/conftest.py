@@ -39,8 +39,8 @@ def ray_session():
 
 
 @pytest.fixture(scope="session")
-def synthetic_data(tmp_path_factory):
-    """A generated interactions table and what `prepare` makes of it (no Ray needed)."""
+def synthetic_data(ray_session, tmp_path_factory):
+    """A generated interactions table and what `prepare` (a Ray Data pipeline) makes of it."""
     from bert4rec.config import PrepareConfig
     from bert4rec.prepare import prepare
     from bert4rec.synthetic import generate

@@ -1,10 +1,9 @@
-"""``prepare`` end to end on tiny files (no Ray): time units, --until accounting, malformed
+"""Reading and validating interactions for ``prepare`` on tiny files (no Ray): time units, --until accounting, malformed
 MovieLens lines, odd partitions, and outputs placed where the next run would read them."""
 
 from __future__ import annotations
 
 import datetime as dt
-import json
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -12,8 +11,9 @@ import pytest
 from pydantic import ValidationError
 
 from bert4rec.config import NightlyConfig, PrepareConfig, is_within
+from bert4rec.data import build_histories
 from bert4rec.io import InputError
-from bert4rec.prepare import prepare, read_interactions
+from bert4rec.prepare import read_interactions
 
 DAY_S = 86_400
 D1 = 1_700_006_400  # 2023-11-15 00:00:00 UTC
@@ -24,47 +24,27 @@ def _write(path, user, item, ts, ts_type=pa.int64()):
     pq.write_table(pa.table({"user_id": pa.array(user, pa.int64()), "item_id": pa.array(item, pa.int64()), "timestamp": pa.array(ts, ts_type)}), path)
 
 
-def test_until_drops_and_counts_later_rows_of_millisecond_partitions(tmp_path):
-    src = tmp_path / "interactions"
-    # a partition in seconds and one in milliseconds; the second holds two rows past its date
-    _write(src / "dt=2023-11-15" / "part.parquet", [1, 1, 1], [10, 20, 30], [D1 + 1, D1 + 2, D1 + 3])
-    ms = [(D1 + DAY_S + 10) * 1000 + 500, (D1 + DAY_S + 10) * 1000 + 100, (D1 + 2 * DAY_S) * 1000, (D1 + 3 * DAY_S) * 1000]
-    _write(src / "dt=2023-11-16" / "part.parquet", [1, 1, 1, 1], [40, 50, 60, 70], ms)
-    _write(src / "dt=2023-11-17" / "part.parquet", [1], [80], [D1 + 2 * DAY_S])  # not read at all
-    out = tmp_path / "prepared"
-    stats = prepare(PrepareConfig(interactions=str(src), out=str(out), until=dt.date(2023, 11, 16), min_user_interactions=3))
-    hist = pq.read_table(out / "histories").to_pydict()
-    # 50 and 40 share a second: their milliseconds order them
-    assert hist["item_ids"] == [[10, 20, 30, 50, 40]]
-    written = json.loads((out / "stats.json").read_text())
-    assert written["dropped"] == {"null_timestamp": 0, "after_until_rows": 2, "short_user_rows": 0, "short_users": 0}
-    assert written["input_rows"] == 7 and written["interactions"] == 5
-    assert stats["dropped"] == written["dropped"]
-
-
-def test_a_file_mixing_seconds_and_milliseconds_is_refused_and_nothing_written(tmp_path):
+def test_a_file_mixing_seconds_and_milliseconds_is_refused(tmp_path):
     src = tmp_path / "in.parquet"
     _write(src, [1, 1, 1], [10, 20, 30], [D1, D1 * 1000, D1 + 1])
-    out = tmp_path / "prepared"
     with pytest.raises(InputError) as e:
-        prepare(PrepareConfig(interactions=str(src), out=str(out), min_user_interactions=3))
+        read_interactions(str(src))
     assert str(e.value) == (
         f"{src}: column 'timestamp' mixes units: row 1 is {D1 * 1000} (milliseconds?) while most values, e.g. row 0 = {D1}, "
         "read as seconds; declare the unit with timestamp_unit: s, ms, us or ns"
     )
-    assert not out.exists()
     # declared, the same file is still refused: as seconds, row 1 is after 2100
     with pytest.raises(InputError, match=rf"row 1 is {D1 * 1000}, in seconds: not a time between 1970 and 2100"):
-        prepare(PrepareConfig(interactions=str(src), out=str(out), min_user_interactions=3, timestamp_unit="s"))
+        read_interactions(str(src), timestamp_unit="s")
 
 
 def test_declared_unit_is_used(tmp_path):
     src = tmp_path / "in.parquet"
     # small values that "auto" would read as seconds: declared as milliseconds, 1999 < 2000 < 2001 ms
     _write(src, [1, 1, 1], [10, 20, 30], [2000, 1999, 2001])
-    stats = prepare(PrepareConfig(interactions=str(src), out=str(tmp_path / "o"), min_user_interactions=3, timestamp_unit="ms", until=dt.date(1970, 1, 1)))
+    hist, stats = build_histories(read_interactions(str(src), timestamp_unit="ms"), min_user_interactions=3, before_ns=86_400 * 10**9)
     assert stats["dropped"]["after_until_rows"] == 0
-    assert pq.read_table(tmp_path / "o" / "histories")["item_ids"].to_pylist() == [[20, 10, 30]]
+    assert hist["item_ids"].to_pylist() == [[20, 10, 30]]
 
 
 def test_an_empty_partition_is_not_an_error_but_an_empty_input_is(tmp_path):

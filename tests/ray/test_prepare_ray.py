@@ -1,0 +1,151 @@
+"""``prepare`` as a Ray Data pipeline on tiny partitioned tables: the same histories,
+vocabulary and stats as the single-process builder, incremental nights equal to a full
+rebuild, and one-line errors from inside the read tasks."""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from bert4rec import data
+from bert4rec.config import PrepareConfig
+from bert4rec.io import InputError
+from bert4rec.prepare import prepare, read_interactions
+
+DAY_S = 86_400
+D1 = 1_700_006_400  # 2023-11-15 00:00:00 UTC
+SETTINGS = {"min_rating": 2.0, "min_user_interactions": 3, "max_len": 3}
+
+
+def _write(path, rows):
+    """rows: (user, item, timestamp in s or None, rating)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    u, i, t, r = zip(*rows)
+    pq.write_table(pa.table({"user_id": pa.array(u, pa.int64()), "item_id": pa.array(i, pa.int64()), "timestamp": pa.array(t, pa.int64()), "rating": pa.array(r, pa.float64())}), path)
+
+
+def _night1(src):
+    # user 1: a tie at D1+1 across files (file a before file b), a low rating, long enough to be cut;
+    # user 2: short on night 1; user 3: a null time; user 4: an event after the night's date
+    _write(src / "dt=2023-11-15" / "a.parquet", [(1, 10, D1 + 1, 5), (1, 20, D1 + 1, 4), (2, 10, D1 + 5, 3), (3, 30, None, 5), (3, 31, D1 + 2, 5), (1, 99, D1 + 3, 1)])
+    _write(src / "dt=2023-11-15" / "b.parquet", [(1, 30, D1 + 1, 3), (1, 40, D1 + 2, 3), (3, 32, D1 + 3, 5), (3, 33, D1 + 4, 5), (4, 50, D1 + 2 * DAY_S, 5), (4, 51, D1 + 10, 5)])
+
+
+def _night2(src):
+    # late events (before night 1's date), a tie with a night-1 event, user 2 crosses the
+    # threshold, user 1 is cut again, user 4's event of the future now counts, a new user 5
+    _write(src / "dt=2023-11-16" / "a.parquet", [(1, 60, D1 + 1, 5), (2, 11, D1 + 1, 3), (2, 12, D1 + DAY_S, 3), (1, 70, D1 + DAY_S + 5, 4), (4, 52, D1 + 11, 5), (5, 1, D1 + DAY_S, 5)])
+    _write(src / "dt=2023-11-16" / "b.parquet", [(5, 2, D1 + DAY_S + 1, 5), (5, 3, D1 + DAY_S + 1, 5), (3, 34, D1 + DAY_S, 1)])
+    # after night 2's date: a partition never read, and rows past the date inside one that is
+    _write(src / "dt=2023-11-17" / "a.parquet", [(1, 80, D1 + 2 * DAY_S, 5)])
+
+
+def _sorted(uri):
+    return pq.read_table(uri).sort_by("user_id").to_pylist()
+
+
+def _stats(out):
+    s = json.loads((out / "stats.json").read_text())
+    return {k: s[k] for k in ("input_rows", "dropped", "users", "interactions", "items")}
+
+
+def test_the_pipeline_equals_the_single_process_builder(ray_session, tmp_path):
+    src = tmp_path / "in"
+    _night1(src)
+    _night2(src)
+    until = dt.date(2023, 11, 16)
+    out = tmp_path / "out"
+    prepare(PrepareConfig(interactions=str(src), out=str(out), until=until, **SETTINGS))
+
+    table = read_interactions(str(src), until=until)
+    before_ns = int(dt.datetime(2023, 11, 17, tzinfo=dt.timezone.utc).timestamp()) * 10**9
+    hist, stats = data.build_histories(table, before_ns=before_ns, **SETTINGS)
+    assert _sorted(out / "histories") == hist.sort_by("user_id").to_pylist()
+    assert pq.read_table(out / "vocab.parquet").equals(data.build_vocab(hist))
+    assert _stats(out) == {k: stats[k] for k in ("input_rows", "dropped", "users", "interactions", "items")}
+    # exact values: user 1's tie at D1+1 keeps file order (10, 20 | 30 | 60 of the next
+    # partition), 99 is rated 1, 80 is in a partition after until; max_len 3 cuts the first 3
+    assert hist.sort_by("user_id").select(["user_id", "item_ids", data.TRUNCATED_COLUMN]).to_pylist()[0] == {
+        "user_id": 1, "item_ids": [60, 40, 70], data.TRUNCATED_COLUMN: [10, 20, 30]
+    }
+
+
+def test_an_incremental_night_equals_a_full_rebuild(ray_session, tmp_path):
+    src = tmp_path / "in"
+    _night1(src)
+    first = tmp_path / "n1"
+    s1 = prepare(PrepareConfig(interactions=str(src), out=str(first), until=dt.date(2023, 11, 15), **SETTINGS))
+    assert (s1["mode"], s1["mode_reason"]) == ("full", "no previous prepared data")
+    _night2(src)
+    inc, full = tmp_path / "n2", tmp_path / "n2-full"
+    s2 = prepare(PrepareConfig(interactions=str(src), out=str(inc), until=dt.date(2023, 11, 16), previous=str(first), **SETTINGS))
+    prepare(PrepareConfig(interactions=str(src), out=str(full), until=dt.date(2023, 11, 16), **SETTINGS))
+    assert s2["mode"] == "incremental"
+    # 9 rows in the two new files; users 5 is new (2 and 4 were pending, 3 and 1 kept)
+    assert (s2["new_rows"], s2["new_users"]) == (9, 1)
+    for name in ("histories", "pending"):
+        assert _sorted(inc / name) == _sorted(full / name)
+    assert pq.read_table(inc / "vocab.parquet").equals(pq.read_table(full / "vocab.parquet"))
+    assert _stats(inc) == _stats(full)
+    # user 2 was short on night 1 and now has 3 events: 11 (late), 10, 12
+    assert {r["user_id"]: r["item_ids"] for r in _sorted(inc / "histories")}[2] == [11, 10, 12]
+
+
+@pytest.mark.parametrize(
+    "change, reason",
+    [
+        ({"max_len": 4}, "settings changed since {first}: max_len"),
+        ({"full": True}, "full rebuild requested"),
+        ({"previous_missing": True}, "previous prepared data {first}-gone unusable: FileNotFoundError"),
+    ],
+)
+def test_a_changed_setting_or_an_unusable_previous_set_rebuilds_everything(ray_session, tmp_path, change, reason):
+    src = tmp_path / "in"
+    _night1(src)
+    first = tmp_path / "n1"
+    prepare(PrepareConfig(interactions=str(src), out=str(first), until=dt.date(2023, 11, 15), **SETTINGS))
+    _night2(src)
+    previous = str(first) + ("-gone" if change.pop("previous_missing", False) else "")
+    s = prepare(PrepareConfig(interactions=str(src), out=str(tmp_path / "n2"), until=dt.date(2023, 11, 16), previous=previous, **{**SETTINGS, **change}))
+    assert s["mode"] == "full"
+    assert s["mode_reason"].startswith(reason.format(first=first))
+    assert s["new_rows"] == 16
+
+
+def test_a_bad_file_read_in_a_task_is_one_line_naming_it_and_nothing_is_written(ray_session, tmp_path):
+    src = tmp_path / "in"
+    _night1(src)
+    bad = src / "dt=2023-11-16" / "part.parquet"
+    pq.write_table(pa.table({"user_id": [1, 2], "item_id": [1.0, 2.5], "timestamp": [D1, D1]}), bad)
+    out = tmp_path / "out"
+    with pytest.raises(InputError) as e:
+        prepare(PrepareConfig(interactions=str(src), out=str(out)))
+    assert str(e.value) == f"{bad}: column 'item_id' must be integer, found double; row 1 is 2.5"
+    assert not out.exists()
+
+
+def _write3(path, user, item, ts):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pq.write_table(pa.table({"user_id": pa.array(user, pa.int64()), "item_id": pa.array(item, pa.int64()), "timestamp": pa.array(ts, pa.int64())}), path)
+
+
+def test_until_drops_and_counts_later_rows_of_millisecond_partitions(ray_session, tmp_path):
+    src = tmp_path / "interactions"
+    # a partition in seconds and one in milliseconds; the second holds two rows past its date
+    _write3(src / "dt=2023-11-15" / "part.parquet", [1, 1, 1], [10, 20, 30], [D1 + 1, D1 + 2, D1 + 3])
+    ms = [(D1 + DAY_S + 10) * 1000 + 500, (D1 + DAY_S + 10) * 1000 + 100, (D1 + 2 * DAY_S) * 1000, (D1 + 3 * DAY_S) * 1000]
+    _write3(src / "dt=2023-11-16" / "part.parquet", [1, 1, 1, 1], [40, 50, 60, 70], ms)
+    _write3(src / "dt=2023-11-17" / "part.parquet", [1], [80], [D1 + 2 * DAY_S])  # not read at all
+    out = tmp_path / "prepared"
+    stats = prepare(PrepareConfig(interactions=str(src), out=str(out), until=dt.date(2023, 11, 16), min_user_interactions=3))
+    hist = pq.read_table(out / "histories").to_pydict()
+    # 50 and 40 share a second: their milliseconds order them
+    assert hist["item_ids"] == [[10, 20, 30, 50, 40]]
+    written = json.loads((out / "stats.json").read_text())
+    assert written["dropped"] == {"null_timestamp": 0, "after_until_rows": 2, "short_user_rows": 0, "short_users": 0}
+    assert written["input_rows"] == 7 and written["interactions"] == 5
+    assert stats["dropped"] == written["dropped"]
