@@ -201,6 +201,7 @@ def _run(command: str, cfg: BaseModel, verbose: bool) -> dict:
         from bert4rec.synthetic import generate
 
         return generate(cfg.out, cfg.users, cfg.items, cfg.seed, storage=cfg.storage, chunk_users=cfg.chunk_users, mean_length=cfg.mean_length)
+    init_ray(verbose)  # every other command runs on Ray
     if command == "prepare":
         from bert4rec.prepare import prepare
 
@@ -209,7 +210,6 @@ def _run(command: str, cfg: BaseModel, verbose: bool) -> dict:
         from bert4rec.evaluate import evaluate
 
         return evaluate(cfg)
-    init_ray(verbose)
     if command == "train":
         from bert4rec.train import train
 
@@ -292,8 +292,10 @@ def _main(argv: list[str], job: bool) -> int:
         return 2
     except Exception as e:
         if job or verbose:
-            print(console.failure_line(command, e), file=sys.stderr, flush=True)
+            # the traceback first, the one-line summary last: Ray's job status message keeps only
+            # the log's last lines, and an operator reads the end of a log first
             logging.getLogger("bert4rec").error("traceback of the failed run", exc_info=e)
+            print(console.failure_line(command, e), file=sys.stderr, flush=True)
         else:
             print(console.failure_line(command, e, console.write_traceback(command, e)), file=sys.stderr)
         return 1

@@ -47,6 +47,8 @@ def setup_logging(verbose: bool) -> None:
     log.setLevel(logging.DEBUG if verbose else logging.INFO)
     for name in ("ray.data", "ray.train", "ray.tune"):
         logging.getLogger(name).setLevel(logging.NOTSET if verbose else logging.WARNING)
+    # that the cluster uses token authentication is the cluster's set-up, said on every start
+    logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(logging.NOTSET if verbose else logging.ERROR)
     if not verbose:
         # Ray's deprecation notices address Ray's API users, not whoever runs the job
         warnings.filterwarnings("ignore", category=DeprecationWarning, module=r"ray(\.|$)")
@@ -68,7 +70,8 @@ def quiet_ray_data(verbose: bool) -> None:
     ctx.enable_progress_bars = verbose
     ctx.print_on_execution_start = verbose
     # Ray Data sets its loggers' levels when it is imported, after setup_logging ran
-    logging.getLogger("ray.data").setLevel(logging.NOTSET if verbose else logging.WARNING)
+    # a failed dataset logs ERROR lines of its own; the run reports the failure in its one line
+    logging.getLogger("ray.data").setLevel(logging.NOTSET if verbose else logging.CRITICAL)
 
 
 # ---------------------------------------------------------------------------------------

@@ -186,13 +186,8 @@ def _run(cfg: NightlyConfig, date: dt.date, part: str, table_uri: str, work: str
     timings: dict[str, float] = {}
     previous = previous_model(root, before=date)
 
-    prepared_uri = join(work, "prepared")
-    with stage("prepare", timings):
-        prev_prepared = previous_prepared(work_root, date, previous)
-        prepared = prepare(
-            PrepareConfig(interactions=cfg.interactions, out=prepared_uri, until=date, previous=prev_prepared, storage=cfg.storage, **cfg.prepare.model_dump())
-        )
-
+    # the previous model first: a published checkpoint that cannot be loaded stops the night
+    # before hours of preparing data
     init_from, warm = None, "never"
     prev_uri = served_checkpoint(previous, work_root) if previous else None
     if cfg.warm_start == "auto" and previous and not prev_uri:
@@ -209,6 +204,13 @@ def _run(cfg: NightlyConfig, date: dt.date, part: str, table_uri: str, work: str
             warm = f"from scratch: the model config changed since {previous['path']} ({', '.join(changed)})"
     elif cfg.warm_start == "auto":
         warm = "from scratch: no published model yet"
+
+    prepared_uri = join(work, "prepared")
+    with stage("prepare", timings):
+        prev_prepared = previous_prepared(work_root, date, previous)
+        prepared = prepare(
+            PrepareConfig(interactions=cfg.interactions, out=prepared_uri, until=date, previous=prev_prepared, storage=cfg.storage, **cfg.prepare.model_dump())
+        )
 
     train_out = join(work, "train")
     with stage("train", timings):

@@ -35,7 +35,7 @@ import pyarrow.csv as pacsv
 
 from bert4rec import data
 from bert4rec.config import PrepareConfig, StorageConfig
-from bert4rec.io import InputError, arrow_filesystem, exists, filesystem, is_s3, join, parquet_files, read_json, read_parquet, write_json, write_parquet
+from bert4rec.io import InputError, arrow_filesystem, exists, filesystem, fs_path, is_s3, join, parquet_files, read_json, read_parquet, storage_call, write_json, write_parquet
 
 # several files even for mid-sized tables: Ray Data reads a file as one block, so files are
 # what lets several scoring actors share the work
@@ -74,6 +74,36 @@ def list_inputs(uri: str, storage: StorageConfig | None = None, until: dt.date |
         if not files:
             raise InputError(f"--interactions {uri}: no partition on or before {until}")
     return [("s3://" + f) if is_s3(uri) else f for f in files]
+
+
+def check_schemas(files: list[str], storage: StorageConfig | None = None, timestamp_unit: str = "auto", threads: int = 16) -> None:
+    """Checks every Parquet input's columns (names, duplicates, types) from its footer alone,
+    on the driver and before any Ray work: a wrong file is named at once, and the row-level
+    checks left to the reading tasks are the only ones that need the data. Footers are read
+    ``threads`` at a time (a table of thousands of files on S3)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    import pyarrow.parquet as pq
+
+    parquet = [f for f in files if not f.endswith((".dat", ".csv"))]
+    if not parquet:
+        return
+    fs, _ = filesystem(parquet[0], storage)
+
+    def check(uri: str) -> None:
+        path = fs_path(uri)
+        try:
+            schema = storage_call(uri, lambda: pq.read_schema(path, filesystem=fs))
+        except (pa.ArrowInvalid, OSError) as e:
+            raise InputError(f"{uri}: not a readable Parquet file: {' '.join(str(e).split())}") from e
+        duplicated = sorted({n for n in schema.names if schema.names.count(n) > 1})
+        if duplicated:
+            raise InputError(f"{uri}: duplicate column name(s) {duplicated}; each column must appear once")
+        data.validate_interactions(schema.empty_table(), uri, timestamp_unit)
+
+    with ThreadPoolExecutor(max_workers=max(1, min(threads, len(parquet)))) as pool:
+        for _ in pool.map(check, parquet):  # the first error, in file order
+            pass
 
 
 def read_file(uri: str, storage: StorageConfig | None = None, timestamp_unit: str = "auto") -> pa.Table:
@@ -263,6 +293,11 @@ def _input_error(e: BaseException | None) -> InputError | None:
     seen = set()
     while e is not None and id(e) not in seen:
         seen.add(id(e))
+        cause = getattr(e, "cause", None)  # a RayTaskError's original exception
+        if isinstance(cause, InputError):
+            # our message alone: Ray Data appends its retry advice to the exception's text
+            text = cause.args[0] if cause.args and isinstance(cause.args[0], str) else str(cause)
+            return InputError(text.split(" Failed to apply UDF")[0].strip())
         if isinstance(e, InputError):
             return InputError(str(e))
         e = getattr(e, "cause", None) if isinstance(getattr(e, "cause", None), BaseException) else (e.__cause__ or e.__context__)
@@ -273,10 +308,14 @@ def _prepare(cfg: PrepareConfig) -> dict:
     import ray
     import ray.data
 
-    if not ray.is_initialized():
-        ray.init(address=os.environ.get("RAY_ADDRESS"), logging_level="WARNING")
     all_files = list_inputs(cfg.interactions, cfg.storage, cfg.until)
     mode, reason, prev, files = merge_plan(cfg, all_files)
+    check_schemas(files, cfg.storage, cfg.timestamp_unit)
+    if not ray.is_initialized():
+        ray.init(address=os.environ.get("RAY_ADDRESS"), logging_level="WARNING")
+    # a bad row found in a reading task reaches the driver as our InputError, not as Ray
+    # Data's UserCodeException (which keeps only a message about retries)
+    ray.data.DataContext.get_current().raise_original_map_exception = True
     index = {f: i for i, f in enumerate(all_files)}
     items = [{"index": index[f], "uri": f} for f in files]
 

@@ -73,3 +73,23 @@ def snapshot(root: str) -> dict[str, bytes]:
             with open(path, "rb") as f:
                 files[os.path.relpath(path, root)] = f.read()
     return files
+
+
+def prepare_in_process(raw: str, out: str, **settings) -> dict:
+    """What ``prepare`` writes, made in this process from the single-process builder (the
+    reference the Ray pipeline is tested against): for unit tests that need prepared data
+    without a Ray cluster. One histories file, vocab.parquet, stats.json."""
+    import json
+
+    import pyarrow.parquet as pq
+
+    from bert4rec.data import build_histories, build_vocab
+    from bert4rec.prepare import read_interactions
+
+    histories, stats = build_histories(read_interactions(raw), **settings)
+    os.makedirs(os.path.join(out, "histories"), exist_ok=True)
+    pq.write_table(histories, os.path.join(out, "histories", "part-00000.parquet"))
+    pq.write_table(build_vocab(histories), os.path.join(out, "vocab.parquet"))
+    with open(os.path.join(out, "stats.json"), "w") as f:
+        json.dump(stats, f)
+    return stats

@@ -43,8 +43,7 @@ from bert4rec.cli import main
 from bert4rec.config import PrepareConfig
 from bert4rec.io import InputError
 from bert4rec.model import BERT4Rec, BERT4RecConfig
-from bert4rec.prepare import prepare
-from tests.conftest import snapshot
+from tests.conftest import prepare_in_process, snapshot
 
 REPO = Path(__file__).resolve().parents[2]
 ITEMS = [10, 20, 30, 40, 50, 60, 70, 80, 90, 100, 110, 120]  # more than the default k of 10
@@ -115,9 +114,12 @@ class RayReached(RuntimeError):
 
 
 @pytest.fixture(autouse=True)
-def no_cluster(monkeypatch):
+def no_cluster(monkeypatch, request):
     import ray
     import ray.data
+
+    if "ray_session" in request.fixturenames:
+        return  # a case whose check runs in Ray's reading tasks: the real cluster
 
     def reached(*args, **kwargs):
         raise RayReached("Ray was used before the input was refused")
@@ -130,6 +132,7 @@ def no_cluster(monkeypatch):
     monkeypatch.setattr(ray, "is_initialized", lambda: False)
     monkeypatch.setattr(ray, "cluster_resources", reached)
     monkeypatch.setattr(ray.data, "read_parquet", reached)
+    monkeypatch.setattr(ray.data, "from_items", reached)
 
 
 @pytest.fixture(scope="module")
@@ -137,7 +140,7 @@ def base(tmp_path_factory) -> Path:
     """Built once: raw interactions, what prepare makes of them, a checkpoint."""
     root = tmp_path_factory.mktemp("adversarial-base")
     write_parquet(root / "raw" / "part-0.parquet", interactions_table())
-    prepare(PrepareConfig(interactions=str(root / "raw"), out=str(root / "prepared"), min_user_interactions=5))
+    prepare_in_process(str(root / "raw"), str(root / "prepared"), min_user_interactions=5)
     save_checkpoint(root / "ckpt", optimizer_state={"state": {}, "param_groups": [{"lr": 0.001, "params": []}]})
     return root
 
@@ -389,13 +392,42 @@ PREPARE_TABLE_CASES = [
 ]
 
 
-@pytest.mark.parametrize("table, names", [c[1:] for c in PREPARE_TABLE_CASES], ids=[c[0] for c in PREPARE_TABLE_CASES])
+# found only by reading the rows, which prepare does in Ray tasks (the footer checks on the
+# driver catch the rest before Ray starts)
+ROW_LEVEL = {
+    "user-id-null", "item-id-over-int64", "timestamp-mixed-seconds-and-ms", "timestamp-negative", "zero-rows",
+    "ratings-dat-short-line", "ratings-dat-non-integer-id", "ratings-csv-non-integer-id",
+}
+
+
+def our_line(err: str, command: str) -> str:
+    """The command's own stderr lines, without Ray's forwarded worker output (the tests' Ray
+    forwards it; the CLI's own Ray keeps it in its log files unless --verbose)."""
+    return "".join(line + "\n" for line in err.splitlines() if line.startswith(f"bert4rec {command}:"))
+
+
+def _cases(cases, row_level: bool):
+    picked = [c for c in cases if (c[0] in ROW_LEVEL) == row_level]
+    return {"argvalues": [c[1:] for c in picked], "ids": [c[0] for c in picked]}
+
+
+@pytest.mark.parametrize("table, names", **_cases(PREPARE_TABLE_CASES, row_level=False))
 def test_prepare_refuses_bad_tables(env, capsys, table, names):
+    _refuses_bad_table(env, capsys, table, names)
+
+
+@pytest.mark.ray
+@pytest.mark.parametrize("table, names", **_cases(PREPARE_TABLE_CASES, row_level=True))
+def test_prepare_refuses_bad_rows_read_in_ray_tasks(ray_session, env, capsys, table, names):
+    _refuses_bad_table(env, capsys, table, names)
+
+
+def _refuses_bad_table(env, capsys, table, names):
     src = write_parquet(Path(env["dir"]) / "bad" / "part-0.parquet", table)
     out = Path(env["dir"]) / "prep-out"
     code, stdout, err = run_cli(capsys, ["prepare", "--interactions", str(Path(src).parent), "--out", str(out)])
     named = str(Path(src).parent) if "empty" in names else src
-    assert_refused(code, stdout, err, [e(named)] + names)
+    assert_refused(code, stdout, our_line(err, "prepare"), [e(named)] + names)
     assert not out.exists()
 
 
@@ -416,15 +448,25 @@ PREPARE_FILE_CASES = [
 ]
 
 
-@pytest.mark.parametrize("make, names", [c[1:] for c in PREPARE_FILE_CASES], ids=[c[0] for c in PREPARE_FILE_CASES])
+@pytest.mark.parametrize("make, names", **_cases(PREPARE_FILE_CASES, row_level=False))
 def test_prepare_refuses_bad_files(env, capsys, make, names):
+    _refuses_bad_file(env, capsys, make, names)
+
+
+@pytest.mark.ray
+@pytest.mark.parametrize("make, names", **_cases(PREPARE_FILE_CASES, row_level=True))
+def test_prepare_refuses_bad_lines_read_in_ray_tasks(ray_session, env, capsys, make, names):
+    _refuses_bad_file(env, capsys, make, names)
+
+
+def _refuses_bad_file(env, capsys, make, names):
     src = Path(env["dir"]) / "upstream"
     make(src)
     files = list(src.iterdir()) if src.is_dir() else []
     target = str(files[0]) if len(files) == 1 and files[0].suffix in (".dat", ".csv") else str(src)
     out = Path(env["dir"]) / "prep-out"
     code, stdout, err = run_cli(capsys, ["prepare", "--interactions", target, "--out", str(out)])
-    assert_refused(code, stdout, err, names)
+    assert_refused(code, stdout, our_line(err, "prepare"), names)
     assert not out.exists()
 
 
@@ -435,12 +477,13 @@ def test_prepare_refuses_out_inside_interactions(env, capsys):
     assert snapshot(env["raw"]) == before
 
 
-def test_prepare_refuses_declared_seconds_on_millisecond_values(env, capsys):
+@pytest.mark.ray
+def test_prepare_refuses_declared_seconds_on_millisecond_values(ray_session, env, capsys):
     t = GOOD.set_column(2, "timestamp", pa.array(GOOD["timestamp"].to_numpy() * 1000))
     src = write_parquet(Path(env["dir"]) / "ms" / "part-0.parquet", t)
     cfg = yaml_file(env, {"interactions": str(Path(src).parent), "out": str(Path(env["dir"]) / "prep-out"), "timestamp_unit": "s"})
     code, out, err = run_cli(capsys, ["prepare", "--config", cfg])
-    assert_refused(code, out, err, [e(src), r"'?timestamp'?", r"row 0\b"])
+    assert_refused(code, out, our_line(err, "prepare"), [e(src), r"'?timestamp'?", r"row 0\b"])
 
 
 def test_generate_refuses_out_that_is_a_file(env, capsys):
@@ -627,7 +670,7 @@ NIGHTLY_CASES = [
     ("manifest-file-absolute", lambda env: _manifest_update(env, files=[env["victim"] + "/secret.parquet"]), [e("_SUCCESS"), "secret.parquet"]),
     ("manifest-checkpoint-pickle-payload", lambda env: _evil_pickle(Path(env["served"]) / "model.pt", env["marker"]), [e("model.pt")]),
     ("interactions-not-parquet", lambda env: (Path(env["raw"]) / "part-0.parquet").write_text("nope"), [e("part-0.parquet")]),
-    ("interactions-null-item", lambda env: pq.write_table(_col(GOOD, "item_id", pa.array([None] + GOOD["item_id"].to_pylist()[1:], pa.int64())), Path(env["raw"]) / "part-0.parquet"), [r"'item_id'", r"row 0\b"]),
+    # a null item id is found by prepare's reading tasks: see test_prepare_refuses_bad_rows_read_in_ray_tasks
 ]
 
 
@@ -653,7 +696,7 @@ def test_nightly_never_loads_a_checkpoint_named_outside_its_work_root(env, capsy
     before = published_state(env)
     code, out, err = run_cli(capsys, ["nightly", "--config", yaml_file(env, nightly_config(env))])
     assert not os.path.exists(env["marker"]), "unpickling a checkpoint named by the manifest ran code"
-    assert code == 1 and "in stage train: RayReached" in err, err  # went on to train from scratch
+    assert code == 1 and "in stage prepare: RayReached" in err, err  # went on, to train from scratch
     assert "not under" in caplog.text and "not loaded" in caplog.text
     assert_intact(env, before)
 

@@ -163,7 +163,7 @@ def test_failed_run_names_the_path_and_writes_the_traceback(tmp_path, capsys, mo
     assert "Traceback (most recent call last)" in log_path.read_text()
 
 
-def test_failed_job_logs_the_traceback_after_the_line(tmp_path, capsys, caplog):
+def test_failed_job_logs_the_traceback_then_the_line(tmp_path, capsys, caplog):
     from bert4rec.cli import run_job
 
     blocker = tmp_path / "a-file"
