@@ -201,7 +201,8 @@ def _run(command: str, cfg: BaseModel, verbose: bool) -> dict:
         from bert4rec.synthetic import generate
 
         return generate(cfg.out, cfg.users, cfg.items, cfg.seed, storage=cfg.storage, chunk_users=cfg.chunk_users, mean_length=cfg.mean_length)
-    init_ray(verbose)  # every other command runs on Ray
+    # every other command runs on Ray, which each starts (console.ensure_ray) once its own
+    # checks of the input have passed
     if command == "prepare":
         from bert4rec.prepare import prepare
 
@@ -223,17 +224,6 @@ def _run(command: str, cfg: BaseModel, verbose: bool) -> dict:
 
         return nightly(cfg)
     raise AssertionError(command)
-
-
-def init_ray(verbose: bool = False) -> None:
-    """Joins the cluster this process runs in (a Ray job, ``RAY_ADDRESS``), else starts a
-    local one; Ray's own console output is quiet unless ``verbose``."""
-    import ray
-
-    if not ray.is_initialized():
-        ray.init(address=os.environ.get("RAY_ADDRESS"), **console.ray_init_kwargs(verbose))
-    console.quiet_ray_data(verbose)
-    console.start()
 
 
 class _Parser(argparse.ArgumentParser):

@@ -42,6 +42,8 @@ PLAIN_EVERY_S = 10.0
 def setup_logging(verbose: bool) -> None:
     """The driver's logging: the project's INFO lines on stderr; Ray's loggers at WARNING
     unless ``verbose``."""
+    global _verbose
+    _verbose = verbose
     if not logging.getLogger().handlers:
         logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     log.setLevel(logging.DEBUG if verbose else logging.INFO)
@@ -212,6 +214,23 @@ def stop() -> None:
     if _console is not None:
         _console.close()
         _console = None
+
+
+_verbose = False
+
+
+def ensure_ray() -> None:
+    """Joins the cluster this process runs in (a Ray job, ``RAY_ADDRESS``), else starts a
+    local one, with Ray's own console output quiet unless ``setup_logging(verbose=True)``
+    ran; then the console that prints what workers say. Every command calls it once its own
+    checks of the input have passed, so that bad input is refused without starting Ray. A
+    Ray that is already running (a test's, a notebook's) is used as it is."""
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(address=os.environ.get("RAY_ADDRESS"), **ray_init_kwargs(_verbose))
+        quiet_ray_data(_verbose)
+        start()
 
 
 def start() -> Console:

@@ -18,6 +18,7 @@ import torch
 
 from bert4rec import checkpoint as ckpt_lib
 from bert4rec import data
+from bert4rec import console
 from bert4rec.config import EvaluateConfig, StorageConfig
 from bert4rec.io import InputError, arrow_filesystem, parquet_schema, read_parquet
 from bert4rec.metrics import FAMILIES, SUM_KEYS, add_sums, eval_sums, make_eval_set, popularity, popularity_rows, report_from_sums, sampled_histories
@@ -85,8 +86,7 @@ def evaluate(cfg: EvaluateConfig) -> dict:
     loaded = ckpt_lib.load(cfg.checkpoint, cfg.storage)
     _, hist_uri, users = read_prepared(cfg.data, cfg.storage)
     mc = loaded.model.config
-    if not ray.is_initialized():
-        ray.init()
+    console.ensure_ray()
     hist_fs, hist_path = arrow_filesystem(hist_uri, cfg.storage)
     columns = _columns(hist_uri, cfg.storage, mc.use_ratings)
     ds = ray.data.read_parquet(hist_path, filesystem=hist_fs, file_extensions=["parquet"]).select_columns(columns)

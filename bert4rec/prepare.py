@@ -23,7 +23,6 @@ import csv
 import datetime as dt
 import json
 import math
-import os
 import posixpath
 import re
 import uuid
@@ -34,6 +33,7 @@ import pyarrow.compute as pc
 import pyarrow.csv as pacsv
 
 from bert4rec import data
+from bert4rec import console
 from bert4rec.config import PrepareConfig, StorageConfig
 from bert4rec.io import InputError, arrow_filesystem, exists, filesystem, fs_path, is_s3, join, parquet_files, read_json, read_parquet, storage_call, write_json, write_parquet
 
@@ -311,8 +311,7 @@ def _prepare(cfg: PrepareConfig) -> dict:
     all_files = list_inputs(cfg.interactions, cfg.storage, cfg.until)
     mode, reason, prev, files = merge_plan(cfg, all_files)
     check_schemas(files, cfg.storage, cfg.timestamp_unit)
-    if not ray.is_initialized():
-        ray.init(address=os.environ.get("RAY_ADDRESS"), logging_level="WARNING")
+    console.ensure_ray()
     # a bad row found in a reading task reaches the driver as our InputError, not as Ray
     # Data's UserCodeException (which keeps only a message about retries)
     ray.data.DataContext.get_current().raise_original_map_exception = True

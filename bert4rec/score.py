@@ -363,8 +363,7 @@ def score(cfg: ScoreConfig, manifest_extra: dict | None = None, scorer_cls: type
     titles = _read_titles(cfg.items, cfg.storage, vocab_ids)
     import ray
 
-    if not ray.is_initialized():
-        ray.init()  # what Ray Data would do on its first read; the check below needs the cluster's size
+    console.ensure_ray()  # the check below needs the cluster's size
     _check_cpu_reservation(cfg, ray.cluster_resources().get("CPU", 0.0))
     timings["validate_s"] = time.time() - t0
 

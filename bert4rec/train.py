@@ -474,6 +474,7 @@ def train(cfg: TrainConfig, callbacks: Sequence[EpochCallback] = ()) -> dict:
     if latest is not None and run_state(latest, join(cfg.out, RUN_NAME)).stopped and "train_rows" in latest and isinstance(latest.get("val_popularity"), dict):
         # the run has ended: no workers to start (they would load the checkpoint and stop)
         return _summary(cfg, latest["val_popularity"], latest["train_rows"], t0)
+    console.ensure_ray()
     # per-epoch validation on a bounded hash sample of users from every file: the same users
     # night after night, whatever the file layout (the first file holds the oldest ids only)
     sample = read_sample(hist_uri, cfg.storage, cfg.max_eval_users, users, cfg.seed)

@@ -21,7 +21,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspa
 
 import pyarrow as pa  # noqa: E402
 
-from bert4rec.cli import init_ray, load_config  # noqa: E402
+from bert4rec import console  # noqa: E402
+from bert4rec.cli import load_config  # noqa: E402
 from bert4rec.config import NightlyConfig  # noqa: E402
 from bert4rec.nightly import nightly  # noqa: E402
 from bert4rec.score import Scorer  # noqa: E402
@@ -48,7 +49,7 @@ def main() -> int:
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("bert4rec").setLevel(logging.INFO)
     cfg = load_config(NightlyConfig, args.config, {"date": args.date})
-    init_ray()
+    console.ensure_ray()
     nightly(cfg, scorer_cls=dies_once(args.fail_marker))
     return 0
 

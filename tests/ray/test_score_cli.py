@@ -1,5 +1,5 @@
 """Bad input to ``bert4rec score`` through the CLI: exit code 2, one line on stderr, nothing
-written under --out. Ray is up already (``ray_session``), so ``cli.main``'s ``init_ray`` is a
+written under --out. Ray is up already (``ray_session``), so ``console.ensure_ray`` is a
 no-op and every case fails in validation, before any Ray work."""
 
 from __future__ import annotations

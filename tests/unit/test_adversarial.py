@@ -124,10 +124,10 @@ def no_cluster(monkeypatch, request):
     def reached(*args, **kwargs):
         raise RayReached("Ray was used before the input was refused")
 
-    import bert4rec.cli
+    import bert4rec.console
 
     # no cluster and no console board: the command's own checks run first
-    monkeypatch.setattr(bert4rec.cli, "init_ray", lambda *a, **k: None)
+    monkeypatch.setattr(bert4rec.console, "ensure_ray", lambda *a, **k: None)
     monkeypatch.setattr(ray, "init", lambda *a, **k: None)
     monkeypatch.setattr(ray, "is_initialized", lambda: False)
     monkeypatch.setattr(ray, "cluster_resources", reached)
