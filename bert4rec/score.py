@@ -274,7 +274,7 @@ except (OSError, AttributeError):
 # ---------------------------------------------------------------- driver
 
 
-def _check_histories(uri: str, storage: StorageConfig) -> tuple[np.ndarray, bool]:
+def check_histories(uri: str, storage: StorageConfig) -> tuple[np.ndarray, bool]:
     """Schema and user_id checks before anything runs: (sorted distinct users, has ratings)."""
     schema = parquet_schema(uri, storage)
     for name, ok, expected in (
@@ -296,7 +296,7 @@ def _check_histories(uri: str, storage: StorageConfig) -> tuple[np.ndarray, bool
     return u, "ratings" in schema.names
 
 
-def _check_cpu_reservation(cfg: ScoreConfig, cluster_cpus: float) -> None:
+def check_cpu_reservation(cfg: ScoreConfig, cluster_cpus: float) -> None:
     """The actors hold their CPUs for the whole run and reading and writing tasks need one more.
     When the actors fit but leave less than one CPU, they start and the read never does: the
     run waits forever. (More than the cluster has is left to Ray: an autoscaler may add nodes.)"""
@@ -309,7 +309,7 @@ def _check_cpu_reservation(cfg: ScoreConfig, cluster_cpus: float) -> None:
         )
 
 
-def _read_exclusions(uri: str | None, storage: StorageConfig, vocab_ids: np.ndarray):
+def read_exclusions(uri: str | None, storage: StorageConfig, vocab_ids: np.ndarray):
     """--exclude -> (global tokens, per-user users sorted, per-user tokens)."""
     empty = np.zeros(0, np.int64)
     if uri is None:
@@ -332,7 +332,7 @@ def _read_exclusions(uri: str | None, storage: StorageConfig, vocab_ids: np.ndar
     return empty, users[order], tokens[known][order]
 
 
-def _read_titles(uri: str | None, storage: StorageConfig, vocab_ids: np.ndarray) -> np.ndarray | None:
+def read_titles(uri: str | None, storage: StorageConfig, vocab_ids: np.ndarray) -> np.ndarray | None:
     """--items -> titles aligned with tokens (index 0 and unknown items: None)."""
     if uri is None:
         return None
@@ -357,14 +357,14 @@ def score(cfg: ScoreConfig, manifest_extra: dict | None = None, scorer_cls: type
     mc = loaded.model.config
     if cfg.k > mc.num_items:
         raise InputError(f"--k {cfg.k} is larger than the catalogue of {mc.num_items} items in {loaded.uri}")
-    users, has_ratings = _check_histories(cfg.histories, cfg.storage)
+    users, has_ratings = check_histories(cfg.histories, cfg.storage)
     vocab_ids = loaded.vocab_ids
-    global_exclude, ex_users, ex_tokens = _read_exclusions(cfg.exclude, cfg.storage, vocab_ids)
-    titles = _read_titles(cfg.items, cfg.storage, vocab_ids)
+    global_exclude, ex_users, ex_tokens = read_exclusions(cfg.exclude, cfg.storage, vocab_ids)
+    titles = read_titles(cfg.items, cfg.storage, vocab_ids)
     import ray
 
     console.ensure_ray()  # the check below needs the cluster's size
-    _check_cpu_reservation(cfg, ray.cluster_resources().get("CPU", 0.0))
+    check_cpu_reservation(cfg, ray.cluster_resources().get("CPU", 0.0))
     timings["validate_s"] = time.time() - t0
 
     # one writer per output: a second run of the same --out waits for nothing and fails fast

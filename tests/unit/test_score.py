@@ -24,7 +24,7 @@ from bert4rec import data
 from bert4rec.config import ScoreConfig, StorageConfig
 from bert4rec.io import InputError
 from bert4rec.model import BERT4Rec, BERT4RecConfig
-from bert4rec.score import OUTPUT_SCHEMA, Scorer, _check_cpu_reservation, _check_histories, _read_exclusions, _read_titles, featurize, score_batch, to_rows
+from bert4rec.score import OUTPUT_SCHEMA, Scorer, check_cpu_reservation, check_histories, read_exclusions, read_titles, featurize, score_batch, to_rows
 
 INF = math.inf
 V = 6  # items: tokens 1..6; padding 0; [MASK] 7
@@ -313,24 +313,24 @@ def _write(tmp_path, name, table):
 
 def test_read_exclusions_global_and_per_user(tmp_path):
     glob = _write(tmp_path, "glob", pa.table({"item_id": pa.array([60, 10, 999, 60], pa.int64())}))
-    g, users, toks = _read_exclusions(glob, StorageConfig(), VOCAB_IDS)
+    g, users, toks = read_exclusions(glob, StorageConfig(), VOCAB_IDS)
     assert g.tolist() == [1, 6] and users is None and toks is None  # unknown 999 ignored, duplicates harmless
     per_user = _write(tmp_path, "per", pa.table({"user_id": pa.array([5, 2, 5, 2], pa.int64()), "item_id": pa.array([20, 30, 999, 40], pa.int64())}))
-    g, users, toks = _read_exclusions(per_user, StorageConfig(), VOCAB_IDS)
+    g, users, toks = read_exclusions(per_user, StorageConfig(), VOCAB_IDS)
     assert g.tolist() == [] and users.tolist() == [2, 2, 5] and toks.tolist() == [3, 4, 2]
-    assert _read_exclusions(None, StorageConfig(), VOCAB_IDS)[1:] == (None, None)
+    assert read_exclusions(None, StorageConfig(), VOCAB_IDS)[1:] == (None, None)
     bad = _write(tmp_path, "bad", pa.table({"item": pa.array([1], pa.int64())}))
     with pytest.raises(InputError, match="--exclude .*'item_id'"):
-        _read_exclusions(bad, StorageConfig(), VOCAB_IDS)
+        read_exclusions(bad, StorageConfig(), VOCAB_IDS)
 
 
 def test_read_titles_aligned_with_tokens(tmp_path):
     items = _write(tmp_path, "items", pa.table({"item_id": pa.array([30, 999, 10], pa.int64()), "title": ["c", "x", "a"], "genre": ["g", "g", "g"]}))
-    assert _read_titles(items, StorageConfig(), VOCAB_IDS).tolist() == [None, "a", None, "c", None, None, None, None]
-    assert _read_titles(None, StorageConfig(), VOCAB_IDS) is None
+    assert read_titles(items, StorageConfig(), VOCAB_IDS).tolist() == [None, "a", None, "c", None, None, None, None]
+    assert read_titles(None, StorageConfig(), VOCAB_IDS) is None
     bad = _write(tmp_path, "bad", pa.table({"item_id": pa.array([30], pa.int64())}))
     with pytest.raises(InputError, match="--items .*'title'"):
-        _read_titles(bad, StorageConfig(), VOCAB_IDS)
+        read_titles(bad, StorageConfig(), VOCAB_IDS)
 
 
 @pytest.mark.parametrize(
@@ -347,12 +347,12 @@ def test_read_titles_aligned_with_tokens(tmp_path):
 )
 def test_check_histories_rejects_bad_tables(tmp_path, table, message):
     with pytest.raises(InputError, match=message):
-        _check_histories(_write(tmp_path, "h", table), StorageConfig())
+        check_histories(_write(tmp_path, "h", table), StorageConfig())
 
 
 def test_check_histories_accepts_a_good_table(tmp_path):
     t = pa.table({"user_id": pa.array([3, 1], pa.int32()), "item_ids": pa.array([[1], [2]], pa.list_(pa.int64())), "ratings": pa.array([[1.0], [2.0]])})
-    users, has_ratings = _check_histories(_write(tmp_path, "h", t), StorageConfig())
+    users, has_ratings = check_histories(_write(tmp_path, "h", t), StorageConfig())
     assert users.tolist() == [1, 3] and has_ratings
 
 
@@ -403,6 +403,6 @@ def test_cpu_reservation_must_leave_one_cpu_for_reads_and_writes(actors, cpus_pe
     cfg = ScoreConfig(checkpoint="c", histories="h", out="o", actors=actors, cpus_per_actor=cpus_per_actor)
     if stalls:
         with pytest.raises(InputError, match=rf"actors x cpus_per_actor = {actors} x {cpus_per_actor:g} = .* leaves less than one of the cluster's {cluster_cpus:g} CPUs"):
-            _check_cpu_reservation(cfg, cluster_cpus)
+            check_cpu_reservation(cfg, cluster_cpus)
     else:
-        _check_cpu_reservation(cfg, cluster_cpus)
+        check_cpu_reservation(cfg, cluster_cpus)
