@@ -28,6 +28,7 @@ import pyarrow.compute as pc
 import torch
 
 from bert4rec import checkpoint as ckpt_lib
+from bert4rec import cluster
 from bert4rec import console, data, locks, publish
 from bert4rec.config import ScoreConfig, StorageConfig
 from bert4rec.io import InputError, arrow_filesystem, filesystem, join, parquet_schema, read_parquet
@@ -349,6 +350,7 @@ def score(cfg: ScoreConfig, manifest_extra: dict | None = None) -> dict:
     """Scores every user of ``cfg.histories`` and publishes the table at ``cfg.out``;
     ``manifest_extra`` is added to its manifest."""
 
+    cluster.require_shared_storage({"checkpoint": cfg.checkpoint, "histories": cfg.histories, "out": cfg.out}, cfg.storage)
     timings: dict[str, float] = {}
     t0 = time.time()
     loaded = ckpt_lib.load(cfg.checkpoint, cfg.storage)

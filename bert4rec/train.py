@@ -23,6 +23,7 @@ import pyarrow.parquet as pq
 import torch
 
 from bert4rec import checkpoint as ckpt_lib
+from bert4rec import cluster
 from bert4rec import console
 from bert4rec import data
 from bert4rec.config import TrainConfig
@@ -318,6 +319,7 @@ def train(cfg: TrainConfig) -> dict:
     import ray.train
     from ray.train.torch import TorchTrainer
 
+    cluster.require_shared_storage({"data": cfg.data, "out": cfg.out, "init_from": cfg.init_from}, cfg.storage)
     # a bounded sample of users for per-epoch validation; sampled with a fixed seed
     vocab, sample = read_prepared(cfg.data, cfg.storage, max_users=cfg.max_eval_users * 4)
     model_cfg = cfg.model.model_copy(update={"num_items": len(vocab)})
