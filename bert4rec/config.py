@@ -28,6 +28,11 @@ class StorageConfig(Strict):
     anon: bool = False
     connect_timeout_s: float = Field(5.0, gt=0)
     max_attempts: int = Field(2, ge=1)
+    local_is_shared: bool = Field(
+        False,
+        description="set when local paths are a filesystem mounted at the same path on every node (NFS, EFS); "
+        "otherwise a local path is refused on a Ray cluster of more than one node",
+    )
 
 
 class GenerateConfig(Strict):

@@ -18,7 +18,7 @@ import torch
 
 from bert4rec import checkpoint as ckpt_lib
 from bert4rec import data
-from bert4rec import console
+from bert4rec import cluster, console
 from bert4rec.config import EvaluateConfig, StorageConfig
 from bert4rec.io import InputError, arrow_filesystem, parquet_schema, read_parquet
 from bert4rec.metrics import FAMILIES, SUM_KEYS, add_sums, eval_sums, make_eval_set, popularity, popularity_rows, report_from_sums, sampled_histories
@@ -83,6 +83,7 @@ def evaluate(cfg: EvaluateConfig) -> dict:
     import ray
     import ray.data
 
+    cluster.require_shared_storage({"checkpoint": cfg.checkpoint, "data": cfg.data}, cfg.storage)
     loaded = ckpt_lib.load(cfg.checkpoint, cfg.storage)
     _, hist_uri, users = read_prepared(cfg.data, cfg.storage)
     mc = loaded.model.config

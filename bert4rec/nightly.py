@@ -34,6 +34,7 @@ import socket
 import uuid
 
 from bert4rec import checkpoint as ckpt_lib
+from bert4rec import cluster
 from bert4rec.config import EvaluateConfig, NightlyConfig, PrepareConfig, ScoreConfig, TrainConfig
 from bert4rec.console import stage
 from bert4rec.io import InputError, Location, join, locate
@@ -139,6 +140,7 @@ def nightly(cfg: NightlyConfig, scorer_cls: type | None = None) -> dict:
     """Runs one night for ``cfg.date`` (default: today, UTC); returns the report.
     ``scorer_cls``: the scoring actor class, as :func:`bert4rec.score.score` takes it."""
     date = run_date(cfg.date, dt.datetime.now(dt.timezone.utc).date())
+    cluster.require_shared_storage({"interactions": cfg.interactions, "out": cfg.out, "work": cfg.work}, cfg.storage)
     _terminate_gracefully()
     part = f"dt={date.isoformat()}"
     # resolved once: every step of the night reuses this filesystem

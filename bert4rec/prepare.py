@@ -33,7 +33,7 @@ import pyarrow.compute as pc
 import pyarrow.csv as pacsv
 
 from bert4rec import data
-from bert4rec import console
+from bert4rec import cluster, console
 from bert4rec.config import PrepareConfig, StorageConfig
 from bert4rec.io import InputError, arrow_filesystem, exists, filesystem, fs_path, is_s3, join, parquet_files, read_json, read_parquet, storage_call, write_json, write_parquet
 
@@ -308,6 +308,7 @@ def _prepare(cfg: PrepareConfig) -> dict:
     import ray
     import ray.data
 
+    cluster.require_shared_storage({"interactions": cfg.interactions, "out": cfg.out, "previous": cfg.previous}, cfg.storage)
     all_files = list_inputs(cfg.interactions, cfg.storage, cfg.until)
     mode, reason, prev, files = merge_plan(cfg, all_files)
     check_schemas(files, cfg.storage, cfg.timestamp_unit)

@@ -28,6 +28,7 @@ import pyarrow.compute as pc
 import torch
 
 from bert4rec import checkpoint as ckpt_lib
+from bert4rec import cluster
 from bert4rec import console, data, locks, publish
 from bert4rec.config import ScoreConfig, StorageConfig
 from bert4rec.io import InputError, arrow_filesystem, filesystem, join, parquet_schema, read_parquet
@@ -351,6 +352,7 @@ def score(cfg: ScoreConfig, manifest_extra: dict | None = None, scorer_cls: type
     or a subclass taking the same arguments (to count or log batches, say); it travels to
     the actors pickled."""
 
+    cluster.require_shared_storage({"checkpoint": cfg.checkpoint, "histories": cfg.histories, "out": cfg.out}, cfg.storage)
     timings: dict[str, float] = {}
     t0 = time.time()
     loaded = ckpt_lib.load(cfg.checkpoint, cfg.storage)

@@ -26,6 +26,7 @@ import pyarrow.parquet as pq
 import torch
 
 from bert4rec import checkpoint as ckpt_lib
+from bert4rec import cluster
 from bert4rec import console
 from bert4rec import data
 from bert4rec.config import TrainConfig, TrainSettings
@@ -465,6 +466,7 @@ def train(cfg: TrainConfig, callbacks: Sequence[EpochCallback] = ()) -> dict:
     from ray.train.torch import TorchTrainer
 
     t0 = time.time()
+    cluster.require_shared_storage({"data": cfg.data, "out": cfg.out, "init_from": cfg.init_from}, cfg.storage)
     vocab, hist_uri, users = read_prepared(cfg.data, cfg.storage)
     model_cfg = cfg.model.model_copy(update={"num_items": len(vocab)})
     if model_cfg.use_ratings and "ratings" not in parquet_schema(hist_uri, cfg.storage).names:

@@ -1,0 +1,152 @@
+"""The nightly job on a cluster of three nodes: a head and two worker nodes on loopback
+(``ray start --head`` + two ``ray start --address``, 1 CPU each, see ``tests/raycluster.py``),
+data and tables on a loopback S3 server (moto) that every node reaches.
+
+What a single-node cluster cannot show: the training workers and the scoring actors run on
+different nodes, so the training data, the checkpoints and the scored blocks cross nodes
+through the object store and S3; and a local ``out`` is refused before any work.
+
+Module time: the cluster's start (26 s at load average ~20 on 2 cores), one refused job (16 s),
+one nightly job of one epoch (most of the module: it took minutes at load average 30-60, with
+two epochs; it is the tier's only training and scoring).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import uuid
+
+import numpy as np
+import pytest
+import yaml
+
+from bert4rec.config import StorageConfig
+from bert4rec.latest import read_latest
+from bert4rec.publish import read_manifest, read_table
+from tests.conftest import TINY_MODEL, TINY_TRAIN
+from tests.raycluster import RayCluster, start_cluster, stop_cluster
+
+pytestmark = pytest.mark.cluster
+
+DATE = "2026-11-01"
+USERS, ITEMS = 300, 100
+FAKE_AWS = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}
+
+
+@pytest.fixture(scope="module")
+def s3() -> dict:
+    """A moto S3 server on 127.0.0.1 inside this process, with a bucket; fake credentials in
+    this process's environment for the module (the cluster gets them through its own)."""
+    moto_server = pytest.importorskip("moto.server", reason="moto[server] is not installed")
+    logging.getLogger("werkzeug").setLevel(logging.WARNING)
+    with pytest.MonkeyPatch.context() as env:
+        for k, v in FAKE_AWS.items():
+            env.setenv(k, v)
+        for var in ("AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_SECURITY_TOKEN", "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3"):
+            env.delenv(var, raising=False)
+        for var in ("NO_PROXY", "no_proxy"):
+            env.setenv(var, ",".join(v for v in (os.environ.get(var), "127.0.0.1,localhost") if v))
+        server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+        server.start()
+        try:
+            host, port = server.get_host_and_port()
+            storage = StorageConfig(endpoint_url=f"http://{host}:{port}", region=FAKE_AWS["AWS_DEFAULT_REGION"])
+            bucket = f"s3://cluster-{uuid.uuid4().hex[:12]}"
+            import boto3
+
+            client = boto3.client("s3", endpoint_url=storage.endpoint_url, region_name=storage.region)
+            client.create_bucket(Bucket=bucket[5:])
+            yield {"storage": storage, "bucket": bucket, "client": client}
+        finally:
+            server.stop()
+
+
+@pytest.fixture(scope="module")
+def cluster(s3) -> RayCluster:
+    node = {"num_cpus": 1, "object_store": 256 * 1024**2}
+    started = start_cluster(
+        head_cpus=1,
+        head_object_store=256 * 1024**2,
+        workers=[{**node, "resources": {"node_a": 1}}, {**node, "resources": {"node_b": 1}}],
+        # the nodes' processes (raylets -> workers, job drivers) reach the loopback S3 with these
+        env_vars={**FAKE_AWS, "NO_PROXY": "127.0.0.1,localhost", "no_proxy": "127.0.0.1,localhost"},
+        prefix="b4r-cl-",
+    )
+    try:
+        yield started
+    finally:
+        stop_cluster(started)
+
+
+@pytest.fixture(scope="module")
+def config(s3, tmp_path_factory) -> dict:
+    """Interactions on S3 and the nightly YAML: two 1-CPU training workers, two 1-CPU scoring
+    actors -- on 1-CPU nodes, no two of them fit on one node."""
+    from bert4rec.synthetic import generate
+
+    bucket, storage = s3["bucket"], s3["storage"]
+    generate(f"{bucket}/interactions/dt={DATE}", users=USERS, items=ITEMS, seed=0, mean_length=20, storage=storage)
+    config = {
+        "interactions": f"{bucket}/interactions",
+        "out": f"{bucket}/recs",
+        "storage": storage.model_dump(exclude_none=True),
+        "prepare": {"max_len": TINY_MODEL["max_len"]},
+        "train": {"epochs": 1, "workers": 2, **TINY_TRAIN, "cpus_per_worker": 1, "samples_per_epoch": 1, "model": TINY_MODEL},
+        "gate": {"min_ndcg": 0.0, "max_drop": 1.0},
+        "score": {"k": 10, "batch_size": 64, "actors": 2, "cpus_per_actor": 1, "threads_per_actor": 1},
+    }
+    path = tmp_path_factory.mktemp("cluster") / "nightly.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return {"yaml": str(path), "config": config}
+
+
+def job_failure(cluster: RayCluster, sid: str, result) -> str:
+    return f"job {sid}: rc {result.returncode}\n--- submit stderr\n{result.stderr[-3000:]}\n--- job log\n{cluster.logs(sid)[-8000:]}"
+
+
+def test_a_local_out_is_refused_on_the_multi_node_cluster(cluster, s3, config, tmp_path):
+    out = str(tmp_path / "recs")
+    sid, result = cluster.submit(["jobs/nightly.py", "--config", config["yaml"], "--date", DATE, "--out", out])
+    info = cluster.info(sid)
+    assert info["status"] == "FAILED" and result.returncode != 0, job_failure(cluster, sid, result)
+    assert "exit code 2" in (info["message"] or ""), info["message"]
+    logs = cluster.logs(sid)
+    expected = f"bert4rec nightly: error: out is a local path ({out}) on a Ray cluster of 3 nodes, where it exists on one node only: use shared storage (s3://)"
+    assert expected in logs, logs[-4000:]
+    # before any work: nothing written locally or on S3 (no lock, no work dir), and the job
+    # started no actor but the CLI's progress board
+    assert not os.path.exists(out)
+    keys = [o["Key"] for o in s3["client"].list_objects_v2(Bucket=s3["bucket"][5:]).get("Contents", [])]
+    assert keys and all(k.startswith("interactions/") for k in keys), keys
+    assert {a["class_name"] for a in cluster.actors() if a["job_id"] == info["job_id"]} <= {"_Board"}
+
+
+def test_the_nightly_job_trains_and_scores_across_nodes_and_publishes(cluster, s3, config):
+    sid, result = cluster.submit(["jobs/nightly.py", "--config", config["yaml"], "--date", DATE], submission_id=f"nightly-{DATE}-multinode")
+    assert result.returncode == 0 and cluster.info(sid)["status"] == "SUCCEEDED", job_failure(cluster, sid, result)
+
+    storage, out = s3["storage"], config["config"]["out"]
+    table = f"{out}/dt={DATE}"
+    manifest = read_manifest(table, storage)
+    assert manifest is not None and manifest["rows"] == USERS and manifest["input_users"] == USERS
+    rows = read_table(table, storage)
+    assert rows.num_rows == USERS and len(np.unique(rows["user_id"].to_numpy())) == USERS
+    assert all(len(x) == 10 for x in rows["item_ids"].to_pylist())
+    assert read_latest(out, storage)["path"] == f"dt={DATE}"
+
+    # where the work ran, from Ray's state API
+    nodes = {n["node_id"]: n for n in cluster.nodes()}
+    assert len(nodes) == 3 and all(n["state"] == "ALIVE" for n in nodes.values())
+    actors = cluster.actors()
+    summary = sorted((a["class_name"], str(a["node_id"])[:8], a["state"]) for a in actors if a["class_name"] in ("RayTrainWorker",) or "Scorer" in a["class_name"])
+    trainers = [a["node_id"] for a in actors if a["class_name"] == "RayTrainWorker"]
+    assert len(trainers) == 2 and len(set(trainers)) == 2 and set(trainers) <= nodes.keys(), summary
+    # Both scoring actors are created, one CPU each, so never two on one node. On 300 users the
+    # first actor can score every batch while the second still waits for a CPU (e.g. a read task
+    # holds the third node's): Ray Data then ends it unplaced (node_id None). Placed ones are
+    # on different nodes.
+    scorers = [a["node_id"] for a in actors if re.search(r"MapWorker\(.*Scorer", a["class_name"])]
+    placed = [n for n in scorers if n]
+    assert len(scorers) == 2 and placed and len(set(placed)) == len(placed) and set(placed) <= nodes.keys(), summary
