@@ -39,16 +39,38 @@ PLAIN_EVERY_S = 10.0
 # logging and Ray's knobs
 
 
+class StderrHandler(logging.StreamHandler):
+    """Writes to whatever ``sys.stderr`` is when a record is emitted, not the stream of the
+    moment the handler was made (which may since have been replaced and closed)."""
+
+    def __init__(self):
+        super().__init__()
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value):
+        pass
+
+
 def setup_logging(verbose: bool) -> None:
     """The driver's logging: the project's INFO lines on stderr; Ray's loggers at WARNING
     unless ``verbose``."""
     global _verbose
     _verbose = verbose
-    if not logging.getLogger().handlers:
-        logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    root = logging.getLogger()
+    if not root.handlers:
+        handler = StderrHandler()
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        root.addHandler(handler)
+        root.setLevel(logging.WARNING)
     log.setLevel(logging.DEBUG if verbose else logging.INFO)
-    for name in ("ray.data", "ray.train", "ray.tune"):
+    for name in ("ray.train", "ray.tune"):
         logging.getLogger(name).setLevel(logging.NOTSET if verbose else logging.WARNING)
+    # a failed dataset logs ERROR lines of its own; the run reports the failure in its one line
+    logging.getLogger("ray.data").setLevel(logging.NOTSET if verbose else logging.CRITICAL)
     # that the cluster uses token authentication is the cluster's set-up, said on every start
     logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(logging.NOTSET if verbose else logging.ERROR)
     if not verbose:
@@ -229,8 +251,8 @@ def ensure_ray() -> None:
 
     if not ray.is_initialized():
         ray.init(address=os.environ.get("RAY_ADDRESS"), **ray_init_kwargs(_verbose))
-        quiet_ray_data(_verbose)
         start()
+    quiet_ray_data(_verbose)
 
 
 def start() -> Console:
