@@ -93,3 +93,20 @@ def prepare_in_process(raw: str, out: str, **settings) -> dict:
     with open(os.path.join(out, "stats.json"), "w") as f:
         json.dump(stats, f)
     return stats
+
+
+def write_table(path: str, table) -> str:
+    """Writes ``table`` as Parquet at ``path`` (its folder made); returns the path."""
+    import pyarrow.parquet as pq
+
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    pq.write_table(table, path)
+    return path
+
+
+def cli_result(capsys, argv: list[str]) -> tuple[int, str]:
+    """``bert4rec <argv>`` in this process: (exit code, stripped stderr)."""
+    from bert4rec.cli import main
+
+    code = main(argv)
+    return code, capsys.readouterr().err.strip()

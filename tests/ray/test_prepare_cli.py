@@ -2,30 +2,18 @@
 one line naming the problem and writes nothing; MovieLens files are read."""
 
 import json
-import os
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
 from bert4rec.cli import main
+from tests.conftest import cli_result, write_table
 
 pytestmark = pytest.mark.usefixtures("ray_session")
 
 
-def _write(path, table):
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    pq.write_table(table, path)
-    return path
-
-
 GOOD = pa.table({"user_id": [1, 1, 1, 2, 2, 2], "item_id": [5, 6, 7, 5, 7, 8], "timestamp": [1, 2, 3, 1, 2, 3]})
-
-
-def _run(capsys, argv):
-    code = main(argv)
-    err = capsys.readouterr().err.strip()
-    return code, err
 
 
 @pytest.mark.parametrize(
@@ -38,9 +26,9 @@ def _run(capsys, argv):
     ],
 )
 def test_prepare_rejects_bad_tables_and_writes_nothing(tmp_path, capsys, table, expected):
-    src = _write(str(tmp_path / "in" / "x.parquet"), table)
+    src = write_table(str(tmp_path / "in" / "x.parquet"), table)
     out = tmp_path / "prepared"
-    code, err = _run(capsys, ["prepare", "--interactions", src, "--out", str(out), "--min-user-interactions", "3"])
+    code, err = cli_result(capsys, ["prepare", "--interactions", src, "--out", str(out), "--min-user-interactions", "3"])
     assert code == 2
     assert expected in err
     assert len(err.splitlines()) == 1 and "Traceback" not in err
@@ -48,7 +36,7 @@ def test_prepare_rejects_bad_tables_and_writes_nothing(tmp_path, capsys, table, 
 
 
 def test_prepare_missing_path(tmp_path, capsys):
-    code, err = _run(capsys, ["prepare", "--interactions", str(tmp_path / "nope"), "--out", str(tmp_path / "o")])
+    code, err = cli_result(capsys, ["prepare", "--interactions", str(tmp_path / "nope"), "--out", str(tmp_path / "o")])
     assert code == 2
     assert err == f"bert4rec prepare: error: --interactions {tmp_path / 'nope'}: no such file or directory"
     assert not (tmp_path / "o").exists()

@@ -4,25 +4,13 @@ import json
 import os
 
 import pyarrow as pa
-import pyarrow.parquet as pq
 import pytest
 
 from bert4rec.cli import main
-
-
-def _write(path, table):
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    pq.write_table(table, path)
-    return path
+from tests.conftest import cli_result, write_table
 
 
 GOOD = pa.table({"user_id": [1, 1, 1, 2, 2, 2], "item_id": [5, 6, 7, 5, 7, 8], "timestamp": [1, 2, 3, 1, 2, 3]})
-
-
-def _run(capsys, argv):
-    code = main(argv)
-    err = capsys.readouterr().err.strip()
-    return code, err
 
 
 @pytest.mark.parametrize(
@@ -36,7 +24,7 @@ def _run(capsys, argv):
     ],
 )
 def test_invalid_values_name_the_field(capsys, argv, expected):
-    code, err = _run(capsys, argv)
+    code, err = cli_result(capsys, argv)
     assert code == 2
     assert expected in err
     assert len(err.splitlines()) == 1
@@ -45,7 +33,7 @@ def test_invalid_values_name_the_field(capsys, argv, expected):
 def test_unknown_config_key_is_rejected(tmp_path, capsys):
     cfg = tmp_path / "train.yaml"
     cfg.write_text("data: d\nout: o\nepochs: 2\nmodel:\n  hiden: 32\n")
-    code, err = _run(capsys, ["train", "--config", str(cfg)])
+    code, err = cli_result(capsys, ["train", "--config", str(cfg)])
     assert code == 2
     assert "field 'model.hiden': unknown key (not a field of this command)" in err
 
@@ -62,7 +50,7 @@ def test_flags_override_the_config_file(tmp_path):
 
 def test_evaluate_rejects_a_path_that_is_not_a_checkpoint(tmp_path, capsys):
     (tmp_path / "empty").mkdir()
-    code, err = _run(capsys, ["evaluate", "--checkpoint", str(tmp_path / "empty"), "--data", str(tmp_path)])
+    code, err = cli_result(capsys, ["evaluate", "--checkpoint", str(tmp_path / "empty"), "--data", str(tmp_path)])
     assert code == 2
     assert "not a checkpoint (no metadata.json) and no checkpoint found under it" in err
 
@@ -156,7 +144,7 @@ def test_failed_run_names_the_path_and_writes_the_traceback(tmp_path, capsys, mo
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))
     blocker = tmp_path / "a-file"
     blocker.write_text("")
-    code, err = _run(capsys, ["generate", "--out", str(blocker / "sub"), "--users", "5", "--items", "4"])
+    code, err = cli_result(capsys, ["generate", "--out", str(blocker / "sub"), "--users", "5", "--items", "4"])
     assert code == 1
     log_path = next((tmp_path / "tmp" / "bert4rec-logs").iterdir())
     assert err == f"bert4rec generate: failed: NotADirectoryError: [Errno 20] Not a directory: '{blocker / 'sub'}' (traceback: {log_path})"
