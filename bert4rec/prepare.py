@@ -414,13 +414,17 @@ def _write(cfg: PrepareConfig, histories, pending, vocab: pa.Table, stats: dict)
     written last, is the commit point (its ``run_id`` names the staging the data came from)."""
     run_id = uuid.uuid4().hex[:12]
     staging = join(cfg.out, f"_staging-{run_id}")
-    for name, ds, min_rows in (("histories", histories, USERS_PER_FILE), ("pending", pending, 1)):
+    for name, ds in (("histories", histories), ("pending", pending)):
+        if name == "pending" and ds.count() == 0:
+            # no short user: one empty file with the columns, so that the directory exists on
+            # S3 too (Ray Data writes no file for an empty dataset, and S3 has no empty folders)
+            schema = histories.schema().base_schema
+            empty = pa.schema([schema.field(c) for c in schema.names if c in ("user_id", "item_ids", "timestamps", "ratings")]).empty_table()
+            write_parquet(empty, join(staging, name, "part-00000.parquet"), cfg.storage)
+            continue
         fs, path = arrow_filesystem(join(staging, name), cfg.storage)
         # files of at most USERS_PER_FILE users: several files let several scoring actors share the work
         ds.repartition(target_num_rows_per_block=USERS_PER_FILE).write_parquet(path, filesystem=fs, compression="zstd")
-        ffs, fpath = filesystem(join(staging, name), cfg.storage)
-        if not ffs.exists(fpath):
-            ffs.makedirs(fpath, exist_ok=True)
     fs, out_path = filesystem(cfg.out, cfg.storage)
     # from here until the new stats.json the directory is incomplete: say so by having none
     if fs.exists(posixpath.join(out_path, "stats.json")):
