@@ -330,7 +330,12 @@ def _prepare(cfg: PrepareConfig) -> dict:
     if prev is not None:
         for name in ("histories", "pending"):
             fs, path = arrow_filesystem(join(cfg.previous, name), cfg.storage)
-            parts.append(ray.data.read_parquet(path, filesystem=fs).map_batches(carried_block, batch_format="pyarrow", fn_kwargs={"pending": name == "pending"}))
+            carried = ray.data.read_parquet(path, filesystem=fs)
+            if carried.count() == 0:
+                # an empty set (no short user) adds nothing, and its column-less empty blocks
+                # would not concatenate with the events in the shuffle
+                continue
+            parts.append(carried.map_batches(carried_block, batch_format="pyarrow", fn_kwargs={"pending": name == "pending"}))
     events = parts[0].union(*parts[1:]) if len(parts) > 1 else parts[0]
     events = events.materialize()
     new_rows = sum(r for r in _new_rows(events, prev))
