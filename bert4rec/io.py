@@ -25,7 +25,15 @@ from bert4rec.config import StorageConfig
 
 
 class InputError(ValueError):
-    """Bad input from the user: reported as one line, without a traceback."""
+    """Bad input from the user: reported as one line, without a traceback. The line is kept
+    apart from ``args``, which Ray Data extends with its retry advice when a task raises it."""
+
+    def __init__(self, message: str = "", *args: object) -> None:
+        super().__init__(message, *args)
+        self.message = str(message)
+
+    def __str__(self) -> str:
+        return self.message
 
 
 def is_s3(uri: str) -> bool:
@@ -84,6 +92,19 @@ def join(uri: str, *parts: str) -> str:
     if is_s3(uri):
         return posixpath.join(uri.rstrip("/"), *parts)
     return os.path.join(uri, *parts)
+
+
+def move_tree(fs: fsspec.AbstractFileSystem, src: str, dst: str) -> None:
+    """Moves the folder ``src`` (a path of ``fs``) to ``dst``, which must not exist. On a
+    local disk one rename; on S3, which has no folders, file by file (a recursive move of the
+    "folder" asks for a key of that name, which does not exist), then the rest of ``src`` is removed."""
+    if "file" in fs.protocol or "local" in fs.protocol:
+        fs.mv(src, dst, recursive=True)
+        return
+    for path in fs.find(src):
+        fs.mv(path, posixpath.join(dst, posixpath.relpath(path, src)))
+    if fs.exists(src):
+        fs.rm(src, recursive=True)
 
 
 def exists(uri: str, storage: StorageConfig | None = None) -> bool:

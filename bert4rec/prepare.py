@@ -35,7 +35,7 @@ import pyarrow.csv as pacsv
 from bert4rec import data
 from bert4rec import cluster, console
 from bert4rec.config import PrepareConfig, StorageConfig
-from bert4rec.io import InputError, arrow_filesystem, exists, filesystem, fs_path, is_s3, join, parquet_files, read_json, read_parquet, storage_call, write_json, write_parquet
+from bert4rec.io import InputError, arrow_filesystem, exists, filesystem, fs_path, is_s3, join, move_tree, parquet_files, read_json, read_parquet, storage_call, write_json, write_parquet
 
 # several files even for mid-sized tables: Ray Data reads a file as one block, so files are
 # what lets several scoring actors share the work
@@ -218,10 +218,10 @@ def item_counts(batch: pa.Table) -> pa.Table:
 
 
 def vocab_from_counts(counts: pa.Table) -> pa.Table:
-    """Summed (item_id, count) rows in any order -> the vocabulary: ascending ``item_id``,
-    ``token`` 1..V, ``count``."""
+    """Summed (item_id, count) rows in any order (the count column second, whatever its
+    name) -> the vocabulary: ascending ``item_id``, ``token`` 1..V, ``count``."""
     counts = counts.sort_by("item_id")
-    return pa.table({"item_id": counts["item_id"].cast(pa.int64()), "token": pa.array(np.arange(1, counts.num_rows + 1), pa.int32()), "count": counts["count"].cast(pa.int64())})
+    return pa.table({"item_id": counts["item_id"].cast(pa.int64()), "token": pa.array(np.arange(1, counts.num_rows + 1), pa.int32()), "count": counts.column(1).cast(pa.int64())})
 
 
 # ---------------------------------------------------------------- incremental or full
@@ -295,9 +295,7 @@ def _input_error(e: BaseException | None) -> InputError | None:
         seen.add(id(e))
         cause = getattr(e, "cause", None)  # a RayTaskError's original exception
         if isinstance(cause, InputError):
-            # our message alone: Ray Data appends its retry advice to the exception's text
-            text = cause.args[0] if cause.args and isinstance(cause.args[0], str) else str(cause)
-            return InputError(text.split(" Failed to apply UDF")[0].strip())
+            return InputError(str(cause))
         if isinstance(e, InputError):
             return InputError(str(e))
         e = getattr(e, "cause", None) if isinstance(getattr(e, "cause", None), BaseException) else (e.__cause__ or e.__context__)
@@ -307,6 +305,7 @@ def _input_error(e: BaseException | None) -> InputError | None:
 def _prepare(cfg: PrepareConfig) -> dict:
     import ray
     import ray.data
+    from ray.data.context import ShuffleStrategy
 
     cluster.require_shared_storage({"interactions": cfg.interactions, "out": cfg.out, "previous": cfg.previous}, cfg.storage)
     all_files = list_inputs(cfg.interactions, cfg.storage, cfg.until)
@@ -354,6 +353,10 @@ def _prepare(cfg: PrepareConfig) -> dict:
     # a partition must reach build_block whole (users split over two blocks would give two
     # rows): no splitting of shuffle outputs into 128 MB blocks
     events.context.target_max_block_size = None
+    if n == 1:
+        # one partition: Ray's actor-based hash shuffle starts in about a second, where its
+        # default task-based one (which spills, and so is kept for large inputs) takes ~10 s
+        events.context.shuffle_strategy = ShuffleStrategy.HASH_SHUFFLE
     build = {"min_rating": cfg.min_rating, "min_user_interactions": cfg.min_user_interactions, "max_len": cfg.max_len, "before_ns": before_ns, "with_ratings": with_ratings}
     built = events.repartition(n, keys=["user_id"]).map_batches(build_block, batch_size=None, batch_format="pyarrow", fn_kwargs={"settings": build}).materialize()
 
@@ -374,7 +377,8 @@ def _prepare(cfg: PrepareConfig) -> dict:
     pending_columns = ["user_id", "item_ids", "timestamps"] + (["ratings"] if with_ratings else [])
     histories = built.map_batches(select_kind, batch_format="pyarrow", fn_kwargs={"kind": 0, "columns": hist_columns})
     pending = built.map_batches(select_kind, batch_format="pyarrow", fn_kwargs={"kind": 1, "columns": pending_columns})
-    counts = histories.map_batches(item_counts, batch_format="pyarrow").groupby("item_id").sum("count").rename_columns(["item_id", "count"])
+    # as many shuffle partitions as the build had (Ray's default, 200, costs minutes on small data)
+    counts = histories.map_batches(item_counts, batch_format="pyarrow").groupby("item_id", num_partitions=n).sum("count")
     vocab = vocab_from_counts(pa.concat_tables([pa.Table.from_pandas(b, preserve_index=False) if not isinstance(b, pa.Table) else b for b in ray.get(counts.to_arrow_refs())]))
     stats = {
         **stats,
@@ -438,8 +442,8 @@ def _write(cfg: PrepareConfig, histories, pending, vocab: pa.Table, stats: dict)
         src, dst = posixpath.join(filesystem(staging, cfg.storage)[1], name), posixpath.join(out_path, name)
         old = f"{dst}-old-{run_id}"
         if fs.exists(dst):
-            fs.mv(dst, old, recursive=True)
-        fs.mv(src, dst, recursive=True)
+            move_tree(fs, dst, old)
+        move_tree(fs, src, dst)
         if fs.exists(old):
             fs.rm(old, recursive=True)
     if fs.exists(posixpath.join(out_path, f"_staging-{run_id}")):

@@ -53,7 +53,10 @@ def _stats(out):
     return {k: s[k] for k in ("input_rows", "dropped", "users", "interactions", "items")}
 
 
-def test_the_pipeline_equals_the_single_process_builder(ray_session, tmp_path):
+@pytest.mark.parametrize("events_per_partition", [2_000_000, 5], ids=["one partition", "five partitions"])
+def test_the_pipeline_equals_the_single_process_builder(ray_session, tmp_path, monkeypatch, events_per_partition):
+    # one partition takes Ray's hash shuffle; several take its default, task-based one
+    monkeypatch.setattr("bert4rec.prepare.EVENTS_PER_PARTITION", events_per_partition)
     src = tmp_path / "in"
     _night1(src)
     _night2(src)
@@ -113,18 +116,21 @@ def test_a_changed_setting_or_an_unusable_previous_set_rebuilds_everything(ray_s
     s = prepare(PrepareConfig(interactions=str(src), out=str(tmp_path / "n2"), until=dt.date(2023, 11, 16), previous=previous, **{**SETTINGS, **change}))
     assert s["mode"] == "full"
     assert s["mode_reason"].startswith(reason.format(first=first))
-    assert s["new_rows"] == 16
+    # a full rebuild reads every file dated up to night 2: 12 rows of night 1, 9 of night 2
+    assert s["new_rows"] == 21
 
 
 def test_a_bad_file_read_in_a_task_is_one_line_naming_it_and_nothing_is_written(ray_session, tmp_path):
     src = tmp_path / "in"
     _night1(src)
     bad = src / "dt=2023-11-16" / "part.parquet"
-    pq.write_table(pa.table({"user_id": [1, 2], "item_id": [1.0, 2.5], "timestamp": [D1, D1]}), bad)
+    bad.parent.mkdir()
+    # a schema that passes the driver's footer check; the null is found by the task reading the rows
+    pq.write_table(pa.table({"user_id": pa.array([1, 2], pa.int64()), "item_id": pa.array([1, None], pa.int64()), "timestamp": [D1, D1]}), bad)
     out = tmp_path / "out"
     with pytest.raises(InputError) as e:
         prepare(PrepareConfig(interactions=str(src), out=str(out)))
-    assert str(e.value) == f"{bad}: column 'item_id' must be integer, found double; row 1 is 2.5"
+    assert str(e.value) == f"{bad}: column 'item_id' has 1 null value(s), first at row 1"
     assert not out.exists()
 
 
