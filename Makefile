@@ -25,7 +25,7 @@ demo: $(STAMP)
 	@echo "Report:          $$(pwd)/demo-output/nightly/$$($(PY) -c 'import json;print(json.load(open("demo-output/nightly/latest"))["path"])')/_report/report.md"
 
 test: $(STAMP)
-	$(PY) -m pytest
+	$(PY) -m pytest -n 2 --dist loadgroup
 
 test-fast: $(STAMP)
 	$(PY) -m pytest tests/unit

@@ -4,13 +4,27 @@ submit), tests/gpu (skipped without CUDA)."""
 
 from __future__ import annotations
 
+import logging
 import os
+from collections.abc import Iterator
+from dataclasses import dataclass
 
 import pytest
+
+from bert4rec.config import StorageConfig
 
 # small enough to train in seconds on 2 CPU cores, big enough to beat popularity clearly
 TINY_MODEL = {"max_len": 30, "hidden": 32, "layers": 2, "heads": 2, "dropout": 0.1, "attn_dropout": 0.1}
 TINY_TRAIN = {"batch_size": 32, "lr": 0.003, "samples_per_epoch": 8, "warmup_epochs": 0.5, "cpus_per_worker": 0.5}
+
+
+def pytest_collection_modifyitems(config, items):
+    """Two groups for ``pytest -n 2 --dist loadgroup`` (``make test``): the tiers that start
+    their own Ray nodes with ``ray start`` (jobs, cluster) run in one worker, everything else
+    (one ``ray.init`` cluster for the session) in the other; each group alone is serial."""
+    for item in items:
+        group = "ray-start" if item.path.parent.name in ("jobs", "cluster") else "ray-init"
+        item.add_marker(pytest.mark.xdist_group(group))
 
 
 @pytest.fixture(scope="session")
@@ -110,3 +124,44 @@ def cli_result(capsys, argv: list[str]) -> tuple[int, str]:
 
     code = main(argv)
     return code, capsys.readouterr().err.strip()
+
+
+# ---------------------------------------------------------------- S3 on loopback
+
+REGION = "us-east-1"
+
+
+@dataclass(frozen=True)
+class S3Server:
+    endpoint_url: str
+    region: str
+    storage: StorageConfig
+
+    def client(self):
+        import boto3
+
+        return boto3.client("s3", endpoint_url=self.endpoint_url, region_name=self.region)
+
+
+@pytest.fixture(scope="session")
+def s3_server() -> Iterator[S3Server]:
+    moto_server = pytest.importorskip("moto.server", reason="moto[server] is not installed")
+    logging.getLogger("werkzeug").setLevel(logging.WARNING)  # one log line per request otherwise
+
+    with pytest.MonkeyPatch.context() as env:
+        env.setenv("AWS_ACCESS_KEY_ID", "testing")
+        env.setenv("AWS_SECRET_ACCESS_KEY", "testing")
+        env.setenv("AWS_DEFAULT_REGION", REGION)
+        for var in ("AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_SECURITY_TOKEN", "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3"):
+            env.delenv(var, raising=False)
+        for var in ("NO_PROXY", "no_proxy"):
+            env.setenv(var, ",".join(v for v in (os.environ.get(var), "127.0.0.1,localhost") if v))
+
+        server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+        server.start()
+        try:
+            host, port = server.get_host_and_port()
+            endpoint = f"http://{host}:{port}"
+            yield S3Server(endpoint_url=endpoint, region=REGION, storage=StorageConfig(endpoint_url=endpoint, region=REGION))
+        finally:
+            server.stop()

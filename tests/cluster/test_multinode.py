@@ -13,7 +13,6 @@ two epochs; it is the tier's only training and scoring).
 
 from __future__ import annotations
 
-import logging
 import os
 import re
 import uuid
@@ -22,7 +21,6 @@ import numpy as np
 import pytest
 import yaml
 
-from bert4rec.config import StorageConfig
 from bert4rec.latest import read_latest
 from bert4rec.publish import read_manifest, read_table
 from tests.conftest import TINY_MODEL, TINY_TRAIN
@@ -36,31 +34,13 @@ FAKE_AWS = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", 
 
 
 @pytest.fixture(scope="module")
-def s3() -> dict:
-    """A moto S3 server on 127.0.0.1 inside this process, with a bucket; fake credentials in
-    this process's environment for the module (the cluster gets them through its own)."""
-    moto_server = pytest.importorskip("moto.server", reason="moto[server] is not installed")
-    logging.getLogger("werkzeug").setLevel(logging.WARNING)
-    with pytest.MonkeyPatch.context() as env:
-        for k, v in FAKE_AWS.items():
-            env.setenv(k, v)
-        for var in ("AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_SECURITY_TOKEN", "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3"):
-            env.delenv(var, raising=False)
-        for var in ("NO_PROXY", "no_proxy"):
-            env.setenv(var, ",".join(v for v in (os.environ.get(var), "127.0.0.1,localhost") if v))
-        server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-        server.start()
-        try:
-            host, port = server.get_host_and_port()
-            storage = StorageConfig(endpoint_url=f"http://{host}:{port}", region=FAKE_AWS["AWS_DEFAULT_REGION"])
-            bucket = f"s3://cluster-{uuid.uuid4().hex[:12]}"
-            import boto3
-
-            client = boto3.client("s3", endpoint_url=storage.endpoint_url, region_name=storage.region)
-            client.create_bucket(Bucket=bucket[5:])
-            yield {"storage": storage, "bucket": bucket, "client": client}
-        finally:
-            server.stop()
+def s3(s3_server) -> dict:
+    """A bucket on the loopback S3 server (tests/conftest.py, which also puts fake credentials
+    in this process's environment; the cluster gets them through its own)."""
+    bucket = f"s3://cluster-{uuid.uuid4().hex[:12]}"
+    client = s3_server.client()
+    client.create_bucket(Bucket=bucket[5:])
+    return {"storage": s3_server.storage, "bucket": bucket, "client": client}
 
 
 @pytest.fixture(scope="module")

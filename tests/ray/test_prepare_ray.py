@@ -53,16 +53,27 @@ def _stats(out):
     return {k: s[k] for k in ("input_rows", "dropped", "users", "interactions", "items")}
 
 
-@pytest.mark.parametrize("events_per_partition", [2_000_000, 5], ids=["one partition", "five partitions"])
-def test_the_pipeline_equals_the_single_process_builder(ray_session, tmp_path, monkeypatch, events_per_partition):
-    # one partition takes Ray's hash shuffle; several take its default, task-based one
-    monkeypatch.setattr("bert4rec.prepare.EVENTS_PER_PARTITION", events_per_partition)
-    src = tmp_path / "in"
+@pytest.fixture(scope="module")
+def nights(ray_session, tmp_path_factory) -> dict:
+    """Both nights' files (night 1 reads only its own partition: ``until``); night 1 prepared,
+    and night 2 prepared in full from the files alone: the reference for the other runs."""
+    root = tmp_path_factory.mktemp("nights")
+    src, first, full = root / "in", root / "n1", root / "n2-full"
     _night1(src)
     _night2(src)
-    until = dt.date(2023, 11, 16)
-    out = tmp_path / "out"
-    prepare(PrepareConfig(interactions=str(src), out=str(out), until=until, **SETTINGS))
+    s1 = prepare(PrepareConfig(interactions=str(src), out=str(first), until=dt.date(2023, 11, 15), **SETTINGS))
+    prepare(PrepareConfig(interactions=str(src), out=str(full), until=dt.date(2023, 11, 16), **SETTINGS))
+    return {"src": src, "first": first, "s1": s1, "full": full}
+
+
+@pytest.mark.parametrize("events_per_partition", [None, 5], ids=["one partition", "five partitions"])
+def test_the_pipeline_equals_the_single_process_builder(nights, tmp_path, monkeypatch, events_per_partition):
+    src, until, out = nights["src"], dt.date(2023, 11, 16), nights["full"]
+    if events_per_partition:
+        # one partition takes Ray's hash shuffle; several take its default, task-based one
+        monkeypatch.setattr("bert4rec.prepare.EVENTS_PER_PARTITION", events_per_partition)
+        out = tmp_path / "out"
+        prepare(PrepareConfig(interactions=str(src), out=str(out), until=until, **SETTINGS))
 
     table = read_interactions(str(src), until=until)
     before_ns = int(dt.datetime(2023, 11, 17, tzinfo=dt.timezone.utc).timestamp()) * 10**9
@@ -77,16 +88,11 @@ def test_the_pipeline_equals_the_single_process_builder(ray_session, tmp_path, m
     }
 
 
-def test_an_incremental_night_equals_a_full_rebuild(ray_session, tmp_path):
-    src = tmp_path / "in"
-    _night1(src)
-    first = tmp_path / "n1"
-    s1 = prepare(PrepareConfig(interactions=str(src), out=str(first), until=dt.date(2023, 11, 15), **SETTINGS))
-    assert (s1["mode"], s1["mode_reason"]) == ("full", "no previous prepared data")
-    _night2(src)
-    inc, full = tmp_path / "n2", tmp_path / "n2-full"
+def test_an_incremental_night_equals_a_full_rebuild(nights, tmp_path):
+    src, first, full = nights["src"], nights["first"], nights["full"]
+    assert (nights["s1"]["mode"], nights["s1"]["mode_reason"]) == ("full", "no previous prepared data")
+    inc = tmp_path / "n2"
     s2 = prepare(PrepareConfig(interactions=str(src), out=str(inc), until=dt.date(2023, 11, 16), previous=str(first), **SETTINGS))
-    prepare(PrepareConfig(interactions=str(src), out=str(full), until=dt.date(2023, 11, 16), **SETTINGS))
     assert s2["mode"] == "incremental"
     # 9 rows in the two new files; users 5 is new (2 and 4 were pending, 3 and 1 kept)
     assert (s2["new_rows"], s2["new_users"]) == (9, 1)
@@ -106,18 +112,17 @@ def test_an_incremental_night_equals_a_full_rebuild(ray_session, tmp_path):
         ({"previous_missing": True}, "previous prepared data {first}-gone unusable: FileNotFoundError"),
     ],
 )
-def test_a_changed_setting_or_an_unusable_previous_set_rebuilds_everything(ray_session, tmp_path, change, reason):
-    src = tmp_path / "in"
-    _night1(src)
-    first = tmp_path / "n1"
-    prepare(PrepareConfig(interactions=str(src), out=str(first), until=dt.date(2023, 11, 15), **SETTINGS))
-    _night2(src)
+def test_a_changed_setting_or_an_unusable_previous_set_rebuilds_everything(nights, tmp_path, change, reason):
+    src, first = nights["src"], nights["first"]
     previous = str(first) + ("-gone" if change.pop("previous_missing", False) else "")
-    s = prepare(PrepareConfig(interactions=str(src), out=str(tmp_path / "n2"), until=dt.date(2023, 11, 16), previous=previous, **{**SETTINGS, **change}))
+    out = tmp_path / "n2"
+    s = prepare(PrepareConfig(interactions=str(src), out=str(out), until=dt.date(2023, 11, 16), previous=previous, **{**SETTINGS, **change}))
     assert s["mode"] == "full"
     assert s["mode_reason"].startswith(reason.format(first=first))
     # a full rebuild reads every file dated up to night 2: 12 rows of night 1, 9 of night 2
     assert s["new_rows"] == 21
+    if "max_len" not in change:
+        assert _sorted(out / "histories") == _sorted(nights["full"] / "histories")
 
 
 def test_a_bad_file_read_in_a_task_is_one_line_naming_it_and_nothing_is_written(ray_session, tmp_path):
