@@ -237,13 +237,16 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     command's), so that ``bert4rec --help`` does not import the configs."""
     parser = _Parser(prog="bert4rec", description="BERT4Rec with Ray: generate, prepare, train, evaluate, score, nightly", allow_abbrev=False)
     verbose = dict(action="store_true", dest="_verbose", help="show Ray's own console output and print a failed run's traceback")
+    as_json = dict(action="store_true", dest="_json", help="print the whole result as JSON on stdout (default: a few lines)")
     parser.add_argument("--verbose", "-v", **verbose)
+    parser.add_argument("--json", **as_json)
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     for name, (_, help_) in COMMANDS.items():
         p = sub.add_parser(name, help=help_, description=help_, allow_abbrev=False)
         if command in (name, "*"):
             p.add_argument("--config", dest="_config", metavar="FILE.yaml", default=None, help="YAML file whose keys mirror the flags (flags override it)")
             p.add_argument("--verbose", "-v", **{**verbose, "default": argparse.SUPPRESS})
+            p.add_argument("--json", **{**as_json, "default": argparse.SUPPRESS})
             _add_flags(p, config_flags(config_model(name)))
     return parser
 
@@ -269,7 +272,7 @@ def _main(argv: list[str], job: bool) -> int:
         args = vars(build_parser(_command_of(argv)).parse_args(argv))
     except SystemExit as e:  # --help (0) or a bad flag (2, one line already printed)
         return e.code if isinstance(e.code, int) else 2
-    command, config_path, verbose = args.pop("command"), args.pop("_config"), args.pop("_verbose")
+    command, config_path, verbose, as_json = args.pop("command"), args.pop("_config"), args.pop("_verbose"), args.pop("_json")
     console.setup_logging(verbose)
     from bert4rec.io import InputError
 
@@ -291,7 +294,10 @@ def _main(argv: list[str], job: bool) -> int:
         return 1
     finally:
         console.stop()
-    print(json.dumps(result, indent=2, default=str))
+    if as_json:
+        print(json.dumps(result, indent=2, default=str))
+    else:
+        print("\n".join(console.summary(command, result, getattr(cfg, "out", None))))
     return 0
 
 

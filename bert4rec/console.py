@@ -71,6 +71,10 @@ def setup_logging(verbose: bool) -> None:
         logging.getLogger(name).setLevel(logging.NOTSET if verbose else logging.WARNING)
     # a failed dataset logs ERROR lines of its own; the run reports the failure in its one line
     logging.getLogger("ray.data").setLevel(logging.NOTSET if verbose else logging.CRITICAL)
+    if not verbose:
+        # counted on the read's block estimate, before the pipelines' own split into
+        # batch-sized blocks that gives every actor its share: not true of our pipelines
+        warnings.filterwarnings("ignore", message="The minimum number of concurrent actors", category=UserWarning)
     # that the cluster uses token authentication is the cluster's set-up, said on every start
     logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(logging.NOTSET if verbose else logging.ERROR)
     if not verbose:
@@ -96,6 +100,10 @@ def quiet_ray_data(verbose: bool) -> None:
     # Ray Data sets its loggers' levels when it is imported, after setup_logging ran
     # a failed dataset logs ERROR lines of its own; the run reports the failure in its one line
     logging.getLogger("ray.data").setLevel(logging.NOTSET if verbose else logging.CRITICAL)
+    if not verbose:
+        # counted on the read's block estimate, before the pipelines' own split into
+        # batch-sized blocks that gives every actor its share: not true of our pipelines
+        warnings.filterwarnings("ignore", message="The minimum number of concurrent actors", category=UserWarning)
 
 
 # ---------------------------------------------------------------------------------------
@@ -342,3 +350,41 @@ def write_traceback(command: str, e: BaseException, directory: str | None = None
     except OSError:
         return None
     return path
+
+
+# ---------------------------------------------------------------------------------------
+# the result, at the end
+
+
+def _scalars(obj: dict, prefix: str = "", depth: int = 2) -> list[str]:
+    lines = []
+    for key, value in obj.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            if depth > 1:
+                lines += _scalars(value, name + ".", depth - 1)
+        elif isinstance(value, float):
+            lines.append(f"{name}: {value:.4f}")
+        elif value is None or isinstance(value, (str, int, bool)):
+            lines.append(f"{name}: {value}")
+    return lines
+
+
+def summary(command: str, result: dict, out: str | None = None) -> list[str]:
+    """What a finished command prints: a few lines a person reads (``--json`` prints the
+    whole result instead). For ``nightly``, where the table and its report are; for the
+    others, the result's figures (numbers and strings, two levels deep; no lists)."""
+    if command != "nightly":
+        return _scalars(result)
+    lines = [f"{result.get('date')}: {result.get('status')}"]
+    table, test = result.get("table") or {}, result.get("test") or {}
+    where = out.rstrip("/") + "/" if out else ""
+    if table.get("path"):
+        lines.append(f"table: {where}{table['path']} ({table.get('rows')} users, model {table.get('model_version')})")
+        lines.append(f"report: {where}{table['path']}/_report/report.md")
+    if test.get("ndcg@10") is not None:
+        pop = (test.get("popularity") or {}).get("ndcg@10")
+        lines.append(f"test NDCG@10: {test['ndcg@10']:.4f}" + (f" (most popular: {pop:.4f})" if pop is not None else ""))
+    if result.get("latest"):
+        lines.append(f"latest: {result['latest']}")
+    return lines

@@ -12,7 +12,7 @@ import logging
 
 import numpy as np
 
-from bert4rec import publish
+from bert4rec import data, publish
 from bert4rec.config import StorageConfig
 from bert4rec.io import filesystem, join, read_json, read_parquet, write_json
 
@@ -28,15 +28,6 @@ HISTORY_NIGHTS = 30  # nights of validation NDCG@10 in the history plot
 def format_timings(timings: dict[str, float]) -> str:
     """``{"prepare_s": 1.24, "train_s": 60.0}`` -> ``prepare 1.2s, train 60.0s``."""
     return ", ".join(f"{k.removesuffix('_s')} {v:.1f}s" for k, v in timings.items())
-
-
-def sample_mask(user_ids: np.ndarray, rate: float) -> np.ndarray:
-    """Which users fall in the deterministic sample of about ``rate`` of all users: a hash
-    of ``user_id`` (the same users every night, whatever the file layout)."""
-    if rate >= 1:
-        return np.ones(len(user_ids), bool)
-    h = (np.asarray(user_ids, np.int64).astype(np.uint64) * np.uint64(0x9E3779B97F4A7C15)) >> np.uint64(40)
-    return h < np.uint64(int(rate * 2**24))
 
 
 def topk_change(cur_users: np.ndarray, cur_items: list[list[int]], prev_users: np.ndarray, prev_items: list[list[int]]) -> dict:
@@ -69,14 +60,15 @@ def ndcg_history(reports: list[dict], limit: int = HISTORY_NIGHTS) -> list[dict]
 # ------------------------------------------------------------------ reading the tables
 
 
-def _sampled_lists(table_uri: str, rate: float, storage: StorageConfig | None) -> tuple[np.ndarray, list, set]:
-    """The sampled users' lists and every distinct recommended item of a published table,
-    one file at a time (the driver never holds the whole table)."""
+def _sampled_lists(table_uri: str, rows: int, storage: StorageConfig | None) -> tuple[np.ndarray, list, set]:
+    """The lists of about ``CHURN_SAMPLE_USERS`` of a published table's ``rows`` users (the
+    same users every night: ``data.sample_mask``) and every distinct recommended item, one
+    file at a time (the driver never holds the whole table)."""
     users, lists, distinct = [], [], set()
     for uri in publish.published_files(table_uri, storage):
         t = read_parquet(uri, storage, columns=["user_id", "item_ids"])
         distinct.update(np.unique(t["item_ids"].combine_chunks().flatten().to_numpy()).tolist())
-        keep = sample_mask(t["user_id"].to_numpy(), rate)
+        keep = data.sample_mask(t["user_id"].to_numpy(), CHURN_SAMPLE_USERS, rows)
         users.append(t["user_id"].to_numpy()[keep])
         lists += [x for x, k in zip(t["item_ids"].to_pylist(), keep) if k]
     return (np.concatenate(users) if users else np.zeros(0, np.int64)), lists, distinct
@@ -86,11 +78,11 @@ def operations_report(out: str, part: str, previous_path: str | None, catalogue_
     """The night-to-night figures of the table just written at ``<out>/<part>``."""
     rows = table["rows"]
     rate = min(1.0, CHURN_SAMPLE_USERS / max(1, rows))
-    users, lists, distinct = _sampled_lists(join(out, part), rate, storage)
+    users, lists, distinct = _sampled_lists(join(out, part), rows, storage)
     churn = None
     if previous_path:
         try:
-            prev_users, prev_lists, _ = _sampled_lists(join(out, previous_path), rate, storage)
+            prev_users, prev_lists, _ = _sampled_lists(join(out, previous_path), rows, storage)
             churn = {**topk_change(users, lists, prev_users, prev_lists), "previous": previous_path, "sample_rate": rate}
         except Exception as e:  # the report never fails a night that scored
             log.warning("%s: could not compare with %s: %s", part, previous_path, e)

@@ -18,15 +18,6 @@ TINY_MODEL = {"max_len": 30, "hidden": 32, "layers": 2, "heads": 2, "dropout": 0
 TINY_TRAIN = {"batch_size": 32, "lr": 0.003, "samples_per_epoch": 8, "warmup_epochs": 0.5, "cpus_per_worker": 0.5}
 
 
-def pytest_collection_modifyitems(config, items):
-    """Two groups for ``pytest -n 2 --dist loadgroup`` (``make test``): the tiers that start
-    their own Ray nodes with ``ray start`` (jobs, cluster) run in one worker, everything else
-    (one ``ray.init`` cluster for the session) in the other; each group alone is serial."""
-    for item in items:
-        group = "ray-start" if item.path.parent.name in ("jobs", "cluster") else "ray-init"
-        item.add_marker(pytest.mark.xdist_group(group))
-
-
 @pytest.fixture(scope="session")
 def ray_session():
     """One local Ray cluster for the whole test session."""
@@ -73,7 +64,8 @@ def trained_run(ray_session, synthetic_data, tmp_path_factory):
     from bert4rec.train import train
 
     out = str(tmp_path_factory.mktemp("train") / "run")
-    cfg = TrainConfig(data=synthetic_data["prepared"], out=out, epochs=8, workers=2, model=TINY_MODEL, **TINY_TRAIN)
+    # 4 epochs of 16 masked copies of each history: per-epoch overhead, not compute, is what costs here
+    cfg = TrainConfig(data=synthetic_data["prepared"], out=out, epochs=4, workers=2, model=TINY_MODEL, **{**TINY_TRAIN, "samples_per_epoch": 16})
     summary = train(cfg)
     return {"out": out, "summary": summary, "config": cfg}
 

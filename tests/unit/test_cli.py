@@ -162,3 +162,35 @@ def test_failed_job_logs_the_traceback_then_the_line(tmp_path, capsys, caplog):
     assert len(err.splitlines()) == 1
     (record,) = [r for r in caplog.records if r.name == "bert4rec"]
     assert record.levelname == "ERROR" and record.message == "traceback of the failed run" and isinstance(record.exc_info[1], NotADirectoryError)
+
+
+def test_a_finished_command_prints_its_figures_or_with_json_the_whole_result(tmp_path, capsys):
+    from bert4rec.cli import main
+
+    assert main(["generate", "--out", str(tmp_path / "a"), "--users", "10", "--items", "5", "--seed", "0"]) == 0
+    assert capsys.readouterr().out.splitlines() == ["users: 10", "items: 5", "interactions: 519", "files: 1"]
+    assert main(["generate", "--out", str(tmp_path / "b"), "--users", "10", "--items", "5", "--seed", "0", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out) == {"users": 10, "items": 5, "interactions": 519, "files": 1}
+
+
+def test_the_nightly_summary_says_where_the_table_and_its_report_are():
+    from bert4rec.console import summary
+
+    result = {
+        "date": "2026-11-01", "status": "published", "latest": "moved to dt=2026-11-01",
+        "table": {"path": "dt=2026-11-01", "rows": 2000, "model_version": "e0010-abc"},
+        "test": {"ndcg@10": 0.41234, "popularity": {"ndcg@10": 0.06789}}, "timings": {"train_s": 12.0},
+    }
+    assert summary("nightly", result, "s3://b/recs/") == [
+        "2026-11-01: published",
+        "table: s3://b/recs/dt=2026-11-01 (2000 users, model e0010-abc)",
+        "report: s3://b/recs/dt=2026-11-01/_report/report.md",
+        "test NDCG@10: 0.4123 (most popular: 0.0679)",
+        "latest: moved to dt=2026-11-01",
+    ]
+    # a gated night: no table, no test figures
+    assert summary("nightly", {"date": "2026-11-02", "status": "gate failed"}, "out") == ["2026-11-02: gate failed"]
+    # the other commands: numbers and strings two levels deep, floats to 4 places, no lists
+    assert summary("evaluate", {"users": 3, "ndcg@10": 0.123456, "popularity": {"ndcg@10": 0.1, "x": {"y": 1}}, "ks": [1]}) == [
+        "users: 3", "ndcg@10: 0.1235", "popularity.ndcg@10: 0.1000"
+    ]

@@ -5,19 +5,11 @@ import pyarrow as pa
 
 from bert4rec import publish
 from bert4rec.io import write_json
-from bert4rec.report import format_timings, markdown, ndcg_history, operations_report, sample_mask, topk_change
+from bert4rec.report import format_timings, markdown, ndcg_history, operations_report, topk_change
 
 
 def test_format_timings():
     assert format_timings({"prepare_s": 1.24, "train_s": 60.0, "score_s": 0.05}) == "prepare 1.2s, train 60.0s, score 0.1s"
-
-
-def test_sample_mask_is_deterministic_and_about_the_rate():
-    users = np.arange(100_000)
-    mask = sample_mask(users, 0.1)
-    assert abs(mask.mean() - 0.1) < 0.005
-    assert np.array_equal(mask[5000:6000], sample_mask(users[5000:6000], 0.1))  # the same users whatever the file
-    assert sample_mask(np.array([1, 2, 3]), 1.0).tolist() == [True, True, True]
 
 
 def test_topk_change():
