@@ -422,13 +422,18 @@ def test_prepare_refuses_bad_rows_read_in_ray_tasks(ray_session, env, capsys, ta
     _refuses_bad_table(env, capsys, table, names)
 
 
+def _prepare_refuses(env, capsys, interactions: str, names: list[str]) -> None:
+    """``prepare --interactions <interactions>`` exits 2 with one line matching ``names`` and writes nothing."""
+    out = Path(env["dir"]) / "prep-out"
+    code, stdout, err = run_cli(capsys, ["prepare", "--interactions", interactions, "--out", str(out)])
+    assert_refused(code, stdout, our_line(err, "prepare"), names)
+    assert not out.exists()
+
+
 def _refuses_bad_table(env, capsys, table, names):
     src = write_parquet(Path(env["dir"]) / "bad" / "part-0.parquet", table)
-    out = Path(env["dir"]) / "prep-out"
-    code, stdout, err = run_cli(capsys, ["prepare", "--interactions", str(Path(src).parent), "--out", str(out)])
     named = str(Path(src).parent) if "empty" in names else src
-    assert_refused(code, stdout, our_line(err, "prepare"), [e(named)] + names)
-    assert not out.exists()
+    _prepare_refuses(env, capsys, str(Path(src).parent), [e(named)] + names)
 
 
 def _truncated_parquet(path: Path) -> None:
@@ -464,10 +469,7 @@ def _refuses_bad_file(env, capsys, make, names):
     make(src)
     files = list(src.iterdir()) if src.is_dir() else []
     target = str(files[0]) if len(files) == 1 and files[0].suffix in (".dat", ".csv") else str(src)
-    out = Path(env["dir"]) / "prep-out"
-    code, stdout, err = run_cli(capsys, ["prepare", "--interactions", target, "--out", str(out)])
-    assert_refused(code, stdout, our_line(err, "prepare"), names)
-    assert not out.exists()
+    _prepare_refuses(env, capsys, target, names)
 
 
 def test_prepare_refuses_out_inside_interactions(env, capsys):
