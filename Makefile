@@ -22,15 +22,8 @@ demo: $(STAMP)
 		$(VENV)/bin/bert4rec generate --out demo-output/interactions --users 2000 --items 500 --mean-length 30 --seed 0 > /dev/null
 	$(PY) jobs/nightly.py --config configs/nightly.yaml
 
-# Two pytest processes side by side, each waiting on Ray more than it computes: the tiers
-# that start their own Ray nodes with `ray start` (jobs, cluster; log in .pytest-nodes.log,
-# printed after) and the rest (one ray.init cluster). Fails if either fails.
 test: $(STAMP)
-	@$(PY) -m pytest tests/jobs tests/cluster > .pytest-nodes.log 2>&1 & nodes=$$!; \
-	$(PY) -m pytest --ignore=tests/jobs --ignore=tests/cluster; rest=$$?; \
-	wait $$nodes; nodes_rc=$$?; \
-	echo; echo "== tests/jobs tests/cluster"; cat .pytest-nodes.log; \
-	test $$rest -eq 0 -a $$nodes_rc -eq 0
+	$(PY) -m pytest
 
 test-fast: $(STAMP)
 	$(PY) -m pytest tests/unit

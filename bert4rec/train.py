@@ -345,9 +345,12 @@ def train_loop_per_worker(loop_config: dict) -> None:
         train_s = time.time() - t0
         sums = eval_epoch(core, val_set, device)
         elapsed = time.time() - loop_start
-        totals = torch.tensor([sums["ndcg@10"], sums["hr@10"], sums["mrr"], sums["n"], float(np.mean(losses)), float(seqs), elapsed], dtype=torch.float64, device=device)
+        totals = torch.tensor([sums["ndcg@10"], sums["hr@10"], sums["mrr"], sums["n"], float(np.mean(losses)), float(seqs)], dtype=torch.float64, device=device)
+        # training time so far: the slowest rank's, the same on every rank after the reduce
+        run_time = torch.tensor([elapsed], dtype=torch.float64, device=device)
         if world > 1:
             torch.distributed.all_reduce(totals)
+            torch.distributed.all_reduce(run_time, op=torch.distributed.ReduceOp.MAX)
         n_val = max(1.0, totals[3].item())
         metrics = {
             "epoch": epoch,
@@ -362,7 +365,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
             "lr": scheduler.get_last_lr()[0],
         }
         history = history + [metrics]
-        run_s = totals[6].item() / world  # training time so far, all-reduced: the same on every rank
+        run_s = run_time.item()
         if metrics["val_ndcg@10"] > best:
             best, since_best = metrics["val_ndcg@10"], 0
         else:

@@ -78,7 +78,8 @@ def test_interrupted_run_resumes_from_the_next_epoch_and_a_finished_one_is_not_t
     # the first attempt started at epoch 1, the rerun at epoch 2: epoch 1 was not trained again
     assert meta["attempts"] == [1, 2]
     assert meta["stopped"] == "epochs" and summary["stopped"] == "epochs"
-    # the rerun's training time goes on from the first attempt's, not from zero
+    # the rerun's training time goes on from the first attempt's, not from zero (the slowest
+    # rank's time, so at least rank 0's: the first attempt's plus this epoch's)
     second = _metadata(out, 2)
     assert second["train_time_s"] >= first["train_time_s"] + second["metrics"]["train_s"]
 
