@@ -189,7 +189,7 @@ class Console:
         try:
             yield
         finally:
-            self._poll()
+            self._poll(final=True)
             self._bar = None
             self._end_line()
 
@@ -216,7 +216,9 @@ class Console:
             print(file=self.stream, flush=True)
             self._open_line = False
 
-    def _poll(self) -> None:
+    def _poll(self, final: bool = False) -> None:
+        """Prints what workers said and the progress line: in place on a terminal; otherwise
+        a plain line every PLAIN_EVERY_S, and always the last one (the totals and the rate)."""
         count, _ = self._take(print_lines=True)
         if self._bar is None:
             return
@@ -226,7 +228,7 @@ class Console:
         if self.tty:
             print("\r" + line + "\x1b[K", end="", file=self.stream, flush=True)
             self._open_line = True
-        elif now - self._last_plain >= PLAIN_EVERY_S:
+        elif final or now - self._last_plain >= PLAIN_EVERY_S:
             print(line, file=self.stream, flush=True)
             self._last_plain = now
 
