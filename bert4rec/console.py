@@ -100,10 +100,6 @@ def quiet_ray_data(verbose: bool) -> None:
     # Ray Data sets its loggers' levels when it is imported, after setup_logging ran
     # a failed dataset logs ERROR lines of its own; the run reports the failure in its one line
     logging.getLogger("ray.data").setLevel(logging.NOTSET if verbose else logging.CRITICAL)
-    if not verbose:
-        # counted on the read's block estimate, before the pipelines' own split into
-        # batch-sized blocks that gives every actor its share: not true of our pipelines
-        warnings.filterwarnings("ignore", message="The minimum number of concurrent actors", category=UserWarning)
 
 
 # ---------------------------------------------------------------------------------------
