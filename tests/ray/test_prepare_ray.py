@@ -28,14 +28,14 @@ def _write(path, rows):
     pq.write_table(pa.table({"user_id": pa.array(u, pa.int64()), "item_id": pa.array(i, pa.int64()), "timestamp": pa.array(t, pa.int64()), "rating": pa.array(r, pa.float64())}), path)
 
 
-def _night1(src):
+def write_night1(src):
     # user 1: a tie at D1+1 across files (file a before file b), a low rating, long enough to be cut;
     # user 2: short on night 1; user 3: a null time; user 4: an event after the night's date
     _write(src / "dt=2023-11-15" / "a.parquet", [(1, 10, D1 + 1, 5), (1, 20, D1 + 1, 4), (2, 10, D1 + 5, 3), (3, 30, None, 5), (3, 31, D1 + 2, 5), (1, 99, D1 + 3, 1)])
     _write(src / "dt=2023-11-15" / "b.parquet", [(1, 30, D1 + 1, 3), (1, 40, D1 + 2, 3), (3, 32, D1 + 3, 5), (3, 33, D1 + 4, 5), (4, 50, D1 + 2 * DAY_S, 5), (4, 51, D1 + 10, 5)])
 
 
-def _night2(src):
+def write_night2(src):
     # late events (before night 1's date), a tie with a night-1 event, user 2 crosses the
     # threshold, user 1 is cut again, user 4's event of the future now counts, a new user 5
     _write(src / "dt=2023-11-16" / "a.parquet", [(1, 60, D1 + 1, 5), (2, 11, D1 + 1, 3), (2, 12, D1 + DAY_S, 3), (1, 70, D1 + DAY_S + 5, 4), (4, 52, D1 + 11, 5), (5, 1, D1 + DAY_S, 5)])
@@ -59,8 +59,8 @@ def nights(ray_session, tmp_path_factory) -> dict:
     and night 2 prepared in full from the files alone: the reference for the other runs."""
     root = tmp_path_factory.mktemp("nights")
     src, first, full = root / "in", root / "n1", root / "n2-full"
-    _night1(src)
-    _night2(src)
+    write_night1(src)
+    write_night2(src)
     s1 = prepare(PrepareConfig(interactions=str(src), out=str(first), until=dt.date(2023, 11, 15), **SETTINGS))
     prepare(PrepareConfig(interactions=str(src), out=str(full), until=dt.date(2023, 11, 16), **SETTINGS))
     return {"src": src, "first": first, "s1": s1, "full": full}
@@ -127,7 +127,7 @@ def test_a_changed_setting_or_an_unusable_previous_set_rebuilds_everything(night
 
 def test_a_bad_file_read_in_a_task_is_one_line_naming_it_and_nothing_is_written(ray_session, tmp_path):
     src = tmp_path / "in"
-    _night1(src)
+    write_night1(src)
     bad = src / "dt=2023-11-16" / "part.parquet"
     bad.parent.mkdir()
     # a schema that passes the driver's footer check; the null is found by the task reading the rows

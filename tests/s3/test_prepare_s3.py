@@ -18,7 +18,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from test_score_s3 import keys, upload_dir  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).parents[1] / "ray"))
-from test_prepare_ray import SETTINGS, _night1, _night2  # noqa: E402
+from test_prepare_ray import SETTINGS, write_night1, write_night2  # noqa: E402
 
 pytestmark = [pytest.mark.s3, pytest.mark.ray]
 
@@ -30,10 +30,10 @@ def _rows(table):
 def test_a_full_then_an_incremental_night_on_s3_equal_the_same_on_disk(ray_session, s3_server, s3_bucket, tmp_path):
     storage, client = s3_server.storage, s3_server.client()
     src = tmp_path / "in"
-    _night1(src)
+    write_night1(src)
     upload_dir(client, str(src), f"{s3_bucket}/in")
     prepare(PrepareConfig(interactions=f"{s3_bucket}/in", out=f"{s3_bucket}/n1", until=dt.date(2023, 11, 15), storage=storage, **SETTINGS))
-    _night2(src)
+    write_night2(src)
     upload_dir(client, str(src), f"{s3_bucket}/in")
     s3 = prepare(PrepareConfig(interactions=f"{s3_bucket}/in", out=f"{s3_bucket}/n2", until=dt.date(2023, 11, 16), previous=f"{s3_bucket}/n1", storage=storage, **SETTINGS))
     local = prepare(PrepareConfig(interactions=str(src), out=str(tmp_path / "n2"), until=dt.date(2023, 11, 16), **SETTINGS))
