@@ -2,7 +2,8 @@
 
     .venv/bin/python benchmarks/train_throughput.py                    # ML-1M size, all variants
     .venv/bin/python benchmarks/train_throughput.py --steps 8 --rounds 2 --threads 1   # as run for README.md
-    .venv/bin/python benchmarks/train_throughput.py --device cuda      # GPU (bf16 autocast, as training does)
+    .venv/bin/python benchmarks/train_throughput.py --device cuda      # GPU
+    .venv/bin/python benchmarks/train_throughput.py --precision fp32   # ours without bf16 autocast
 
 Model size is the paper's ML-1M configuration by default: batch 128, length 200, hidden 64,
 2 layers, 2 heads, feed-forward 4 x hidden, 3,700 items (flags: --batch --max-len --hidden
@@ -75,7 +76,12 @@ def parse_args(argv=None):
     p.add_argument("--buckets", type=int, default=8, help="TrainConfig.length_buckets: batches per super-batch")
     p.add_argument("--mask-prob", type=float, default=0.2)
     p.add_argument("--last-item-prob", type=float, default=0.1)
-    p.add_argument("--device", default="cpu", help="cpu or cuda (cuda: bf16 autocast, as train_loop_per_worker)")
+    p.add_argument("--device", default="cpu", help="cpu or cuda")
+    p.add_argument(
+        "--precision", choices=["auto", "fp32", "bf16"], default="auto",
+        help="ours: TrainConfig.precision (auto: bf16 autocast on CUDA and on CPUs with AMX, as train_loop_per_worker does)",
+    )
+    p.add_argument("--hf-precision", choices=["auto", "fp32", "bf16"], default="fp32", help="the Hugging Face loop's (fp32: the common recipe)")
     p.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated subset of " + ",".join(VARIANTS))
     p.add_argument("--rounds", type=int, default=1, help="repeat the variant list, keep each variant's best")
     p.add_argument("--seed", type=int, default=0)
@@ -193,13 +199,14 @@ def run_child(args) -> dict:
     import torch
 
     from bert4rec import data
+    from bert4rec.train import autocast_dtype_for
 
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     cuda = device.type == "cuda"
-    autocast_dtype = torch.bfloat16 if cuda else None
     impl, kind = args.child.split("/")
+    autocast_dtype = autocast_dtype_for(args.precision if impl == "ours" else args.hf_precision, device)
     bucketed = kind == "mix+buckets"
     per = args.buckets if bucketed else 1
     warm_n = -(-args.warmup // per) * per  # whole super-batches when bucketed
@@ -277,6 +284,7 @@ def main(argv=None):
     print(
         f"batch={args.batch} max_len={args.max_len} hidden={args.hidden} layers={args.layers} heads={args.heads} "
         f"items={args.items} steps={args.steps} warmup={args.warmup} rounds={args.rounds} device={args.device} "
+        f"precision={args.precision} hf_precision={args.hf_precision} "
         f"threads={args.threads or torch.get_num_threads()} cores={os.cpu_count()} torch={torch.__version__}"
     )
     print(f"length mix: lognormal median {args.median_len:g}, sigma {args.sigma:g}, clipped to [{args.min_len}, {args.max_len}], left-padded; buckets={args.buckets}")

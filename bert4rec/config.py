@@ -104,8 +104,8 @@ class TrainSettings(Strict):
     workers: int = Field(1, gt=0)
     gpu: bool = False
     cpus_per_worker: float = Field(1.0, gt=0)
-    batch_size: int = Field(128, gt=0, description="per worker; the global batch is workers x batch_size")
-    lr: float = Field(1e-3, gt=0)
+    batch_size: int = Field(64, gt=0, description="per worker; the global batch is workers x batch_size")
+    lr: float = Field(2e-3, gt=0, description="peak AdamW learning rate, after warmup_epochs of linear warmup")
     weight_decay: float = Field(0.01, ge=0)
     warmup_epochs: float = Field(1.0, ge=0)
     min_lr_ratio: float = Field(0.1, ge=0, le=1, description="cosine decay ends at lr x this")
@@ -114,7 +114,7 @@ class TrainSettings(Strict):
     length_buckets: int = Field(8, ge=1, description="batches drawn together and grouped by length (less padding)")
     samples_per_epoch: int = Field(1, ge=1, description="passes over the training sequences per epoch, each with fresh masks (at least; see epoch_sequences)")
     epoch_sequences: int | None = Field(
-        None,
+        20_000,
         gt=0,
         description="sequences an epoch draws, all workers together: passes (each with fresh masks) repeat until an epoch "
         "has at least this many, so that an epoch is a training length, not a table size (none: samples_per_epoch passes)",
@@ -127,9 +127,14 @@ class TrainSettings(Strict):
     sampled_negatives: int = Field(8192, gt=0, description="negatives of the sampled softmax, shared by a batch, drawn with replacement")
     sampling_alpha: float = Field(0.75, ge=0, le=1, description="the sampled softmax draws items with probability proportional to count ** alpha (0: uniform)")
     window_stride: int | None = Field(
-        None,
+        50,
         gt=0,
         description="histories longer than max_len also train on earlier windows, this many items apart (None: the latest max_len only)",
+    )
+    precision: Literal["auto", "fp32", "bf16"] = Field(
+        "auto",
+        description="bf16: bf16 autocast for the forward pass (weights, optimizer and loss stay fp32); auto: bf16 on a GPU "
+        "and on a CPU with bf16 matrix units (Intel AMX), fp32 elsewhere",
     )
     seed: int = 0
     keep_checkpoints: int = Field(3, ge=1)

@@ -26,12 +26,16 @@ class BERT4RecConfig(BaseModel):
     heads: int = Field(2, gt=0)
     ff_mult: int = Field(4, gt=0)
     dropout: float = Field(0.2, ge=0, lt=1)
-    attn_dropout: float = Field(0.2, ge=0, lt=1)
+    attn_dropout: float = Field(0.0, ge=0, lt=1, description="dropout on attention weights")
     norm_first: bool = Field(
         True,
         description="pre-LayerNorm encoder layers; False is the paper's post-LN (slower to leave the popularity plateau)",
     )
-    use_ratings: bool = Field(False, description="add a rating embedding (0 = unknown, 1..5 stars)")
+    use_ratings: bool | None = Field(
+        None,
+        description="add a rating embedding (0 = unknown, 1..5 stars); none: when the prepared histories have ratings "
+        "(training settles it, and the checkpoint keeps true or false)",
+    )
     rating_levels: int = Field(5, gt=0)
 
     @model_validator(mode="after")
@@ -39,6 +43,19 @@ class BERT4RecConfig(BaseModel):
         if self.hidden % self.heads:
             raise ValueError(f"hidden ({self.hidden}) must be divisible by heads ({self.heads})")
         return self
+
+    def settled(self, num_items: int, has_ratings: bool) -> "BERT4RecConfig":
+        """The config a model is built and checkpointed with: ``num_items`` from the vocabulary,
+        and ``use_ratings`` when left to the data (none) as whether the histories have ratings."""
+        use_ratings = has_ratings if self.use_ratings is None else self.use_ratings
+        return self.model_copy(update={"num_items": num_items, "use_ratings": use_ratings})
+
+    def changes_from(self, trained: "BERT4RecConfig") -> list[str]:
+        """The settings in which this (requested) config differs from a ``trained`` model's,
+        leaving out what training settles from the data (see :meth:`settled`)."""
+        left_to_data = {"num_items"} | ({"use_ratings"} if self.use_ratings is None else set())
+        ours, theirs = self.model_dump(exclude=left_to_data), trained.model_dump(exclude=left_to_data)
+        return sorted(k for k in ours if ours[k] != theirs.get(k))
 
     @property
     def vocab_size(self) -> int:

@@ -197,12 +197,10 @@ def _run(cfg: NightlyConfig, date: dt.date, part: str, table_uri: str, work: str
         log.warning("%s: %s", part, warm)
     elif cfg.warm_start == "auto" and previous:
         prev_ckpt = ckpt_lib.load(prev_uri, cfg.storage)
-        ours = cfg.train.model.model_dump(exclude={"num_items"})
-        theirs = prev_ckpt.model.config.model_dump(exclude={"num_items"})
-        if ours == theirs:
+        changed = cfg.train.model.changes_from(prev_ckpt.model.config)
+        if not changed:
             init_from, warm = prev_ckpt.uri, f"warm start from {previous['path']} ({previous.get('model_version')})"
         else:
-            changed = sorted(k for k in ours if ours[k] != theirs.get(k))
             warm = f"from scratch: the model config changed since {previous['path']} ({', '.join(changed)})"
     elif cfg.warm_start == "auto":
         warm = "from scratch: no published model yet"

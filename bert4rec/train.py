@@ -207,6 +207,23 @@ def passes_per_epoch(train_rows: int, samples_per_epoch: int, epoch_sequences: i
     return max(samples_per_epoch, math.ceil(epoch_sequences / train_rows))
 
 
+def cpu_has_bf16_matmul() -> bool:
+    """Whether this CPU multiplies bf16 matrices natively (Intel AMX tiles), where bf16
+    autocast is faster than fp32 rather than slower (AVX-512 BF16 alone only converts)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            return "amx_bf16" in f.read().split()
+    except OSError:
+        return False
+
+
+def autocast_dtype_for(precision: str, device) -> torch.dtype | None:
+    """``TrainSettings.precision`` on ``device`` -> the autocast dtype (None: fp32)."""
+    if precision == "auto":
+        precision = "bf16" if device.type == "cuda" or (device.type == "cpu" and cpu_has_bf16_matmul()) else "fp32"
+    return torch.bfloat16 if precision == "bf16" else None
+
+
 def train_epoch(
     model,
     batches,
@@ -280,7 +297,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     device = ray.train.torch.get_device()
-    autocast_dtype = torch.bfloat16 if device.type == "cuda" else None
+    autocast_dtype = autocast_dtype_for(cfg.precision, device)
     vocab: pa.Table = ray.get(loop_config["vocab_ref"])
     counts = np.r_[0, vocab["count"].to_numpy(), 0]  # interactions per token: the sampled softmax's q
     val_set = _slice_eval_set(ray.get(loop_config["val_ref"]), rank, world)
@@ -471,8 +488,9 @@ def train(cfg: TrainConfig, callbacks: Sequence[EpochCallback] = ()) -> dict:
     t0 = time.time()
     cluster.require_shared_storage({"data": cfg.data, "out": cfg.out, "init_from": cfg.init_from}, cfg.storage)
     vocab, hist_uri, users = read_prepared(cfg.data, cfg.storage)
-    model_cfg = cfg.model.model_copy(update={"num_items": len(vocab)})
-    if model_cfg.use_ratings and "ratings" not in parquet_schema(hist_uri, cfg.storage).names:
+    has_ratings = "ratings" in parquet_schema(hist_uri, cfg.storage).names
+    model_cfg = cfg.model.settled(len(vocab), has_ratings)
+    if model_cfg.use_ratings and not has_ratings:
         # caught here, on the driver: the workers would each fail inside DDP instead
         raise InputError(f"model.use_ratings is true, but the histories at {hist_uri} have no 'ratings' column; set model.use_ratings: false or prepare data with ratings")
     latest = latest_metadata(cfg)

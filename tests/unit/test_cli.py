@@ -76,7 +76,7 @@ def test_every_config_field_is_a_flag(command):
     for dest, field in _leaf_fields(model):
         *parents, name = dest.split(".")
         flag = "--" + ".".join([*parents, name.replace("_", "-")])
-        if field.annotation is bool:
+        if field.annotation in (bool, bool | None):  # an optional bool (model.use_ratings: none = from the data) is an on/off flag too
             parsed = vars(parser.parse_args([command, flag]))
             assert parsed[dest] is True, flag
             assert vars(parser.parse_args([command, "--no-" + flag[2:]]))[dest] is False, flag

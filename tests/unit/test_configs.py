@@ -102,10 +102,10 @@ def test_nightly_and_its_parts_agree_on_the_model():
 
 def test_a_typo_in_a_config_fails_loading(tmp_path: Path):
     good = yaml.safe_load((REPO / "configs" / "nightly.yaml").read_text())
-    good["train"]["model"]["hiden"] = good["train"]["model"].pop("hidden")
+    good["train"]["model"]["max_lne"] = good["train"]["model"].pop("max_len")
     bad = tmp_path / "nightly-typo.yaml"
     bad.write_text(yaml.safe_dump(good))
-    with pytest.raises(InputError, match=r"train\.model\.hiden.*unknown key"):
+    with pytest.raises(InputError, match=r"train\.model\.max_lne.*unknown key"):
         load(bad)
     with pytest.raises(AssertionError, match="name must start with"):
         job_of(tmp_path / "nighlty.yaml")

@@ -115,3 +115,21 @@ def test_sampled_loss_logq_and_gradients():
     loss = sampled_cloze_loss(model, inputs, labels, None, negatives, log_q)
     loss.backward()
     assert torch.isfinite(loss) and model.item_emb.weight.grad is not None
+
+
+@pytest.mark.parametrize(
+    ("requested", "has_ratings", "expected"),
+    [(None, True, True), (None, False, False), (True, True, True), (False, True, False), (True, False, True)],
+)
+def test_settled_config_takes_num_items_and_ratings_from_the_data(requested, has_ratings, expected):
+    settled = BERT4RecConfig(use_ratings=requested).settled(num_items=42, has_ratings=has_ratings)
+    assert (settled.num_items, settled.use_ratings) == (42, expected)
+    assert settled.model_dump(exclude={"num_items", "use_ratings"}) == BERT4RecConfig().model_dump(exclude={"num_items", "use_ratings"})
+
+
+def test_changes_from_a_trained_config_leave_out_what_the_data_settles():
+    trained = BERT4RecConfig(hidden=32, use_ratings=None).settled(num_items=10, has_ratings=True)
+    assert BERT4RecConfig(hidden=32).changes_from(trained) == []  # ratings left to the data
+    assert BERT4RecConfig(hidden=32, use_ratings=True).changes_from(trained) == []
+    assert BERT4RecConfig(hidden=32, use_ratings=False).changes_from(trained) == ["use_ratings"]
+    assert BERT4RecConfig(hidden=64, layers=3).changes_from(trained) == ["hidden", "layers"]

@@ -8,6 +8,7 @@ import torch
 
 from bert4rec.config import TrainConfig
 from bert4rec.model import BERT4Rec, BERT4RecConfig, cloze_loss
+from bert4rec import train as train_mod
 from bert4rec.train import FULL_SOFTMAX_MAX_ITEMS, WarmupCosine, loss_function, passes_per_epoch, train_epoch, uses_sampled_softmax
 
 
@@ -28,8 +29,9 @@ def test_the_sampled_softmax_is_chosen_by_config_and_by_catalogue_size():
     assert loss_function(full, np.ones(12), torch.device("cpu")) is cloze_loss
 
 
-@pytest.mark.parametrize("loss", ["full", "sampled"])
-def test_a_pass_trains_and_reports_its_mean_loss(loss):
+@pytest.mark.parametrize(("loss", "autocast"), [("full", None), ("sampled", None), ("full", torch.bfloat16), ("sampled", torch.bfloat16)])
+def test_a_pass_trains_and_reports_its_mean_loss(loss, autocast):
+    # bf16 autocast runs on any CPU (emulated where it has no bf16 units), so both precisions are tested here
     torch.manual_seed(0)
     mc = BERT4RecConfig(num_items=30, max_len=8, hidden=16, layers=1, heads=2, dropout=0.0, attn_dropout=0.0)
     cfg = TrainConfig(data="d", out="o", loss=loss, sampled_negatives=16, batch_size=4, model=mc)
@@ -40,8 +42,24 @@ def test_a_pass_trains_and_reports_its_mean_loss(loss):
     # one repeated pattern: the loss must fall
     tokens = torch.tensor([[1, 2, 3, 4, 5, 6, 7, 8]] * 4)
     fn = loss_function(cfg, np.r_[0, np.arange(1, 31), 0], torch.device("cpu"), gen)
-    first, n = train_epoch(model, [{"tokens": tokens}] * 3, optimizer, scheduler, cfg, mc.mask_token, gen, torch.device("cpu"), None, fn)
+    first, n = train_epoch(model, [{"tokens": tokens}] * 3, optimizer, scheduler, cfg, mc.mask_token, gen, torch.device("cpu"), autocast, fn)
     assert n == 12 and np.isfinite(first)
     for _ in range(10):
-        last, _ = train_epoch(model, [{"tokens": tokens}] * 3, optimizer, scheduler, cfg, mc.mask_token, gen, torch.device("cpu"), None, fn)
+        last, _ = train_epoch(model, [{"tokens": tokens}] * 3, optimizer, scheduler, cfg, mc.mask_token, gen, torch.device("cpu"), autocast, fn)
     assert last < first
+
+
+@pytest.mark.parametrize(
+    ("precision", "device", "amx", "expected"),
+    [
+        ("auto", "cpu", False, None),
+        ("auto", "cpu", True, torch.bfloat16),
+        ("auto", "cuda", False, torch.bfloat16),
+        ("fp32", "cpu", True, None),
+        ("fp32", "cuda", False, None),
+        ("bf16", "cpu", False, torch.bfloat16),
+    ],
+)
+def test_precision_picks_bf16_autocast_where_the_hardware_multiplies_bf16(monkeypatch, precision, device, amx, expected):
+    monkeypatch.setattr(train_mod, "cpu_has_bf16_matmul", lambda: amx)
+    assert train_mod.autocast_dtype_for(precision, torch.device(device)) == expected
