@@ -301,7 +301,7 @@ def main(argv=None) -> dict:
     ray.shutdown()
     result = {"args": vars(args), "rows": rows, "ratios": ratios(rows)}
     r = result["ratios"]
-    print(f"\ndriver peak PSS (largest over stages): " + ", ".join(f"{u}: {v:.0f} MiB" for u, v in r["driver_peak_pss_mib"].items()))
+    print("\ndriver peak PSS (largest over stages): " + ", ".join(f"{u}: {v:.0f} MiB" for u, v in r["driver_peak_pss_mib"].items()))
     print(f"driver peak growth {r['smallest']} -> {r['largest']} users: x{r['driver_peak_growth']}")
     print("time per user relative to the smallest size (1.0 = linear):")
     for stage, by_size in r["time_per_user_vs_smallest"].items():

@@ -15,7 +15,6 @@ import dataclasses
 import datetime as dt
 import json
 import logging
-import os
 import sys
 import types
 import typing

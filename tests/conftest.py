@@ -140,6 +140,22 @@ class S3Server:
 
         return boto3.client("s3", endpoint_url=self.endpoint_url, region_name=self.region)
 
+    def upload_dir(self, local: str, uri: str) -> None:
+        """Every file under ``local`` to ``uri`` (``s3://bucket/prefix``), same relative keys."""
+        client = self.client()
+        bucket, _, prefix = uri[len("s3://") :].partition("/")
+        for dirpath, _, names in os.walk(local):
+            for name in names:
+                path = os.path.join(dirpath, name)
+                client.upload_file(path, bucket, f"{prefix}/{os.path.relpath(path, local)}")
+
+    def keys(self, uri: str) -> list[str]:
+        """Every key under ``uri``, relative to it."""
+        bucket, _, prefix = uri[len("s3://") :].partition("/")
+        prefix = prefix.rstrip("/") + "/" if prefix else ""
+        pages = self.client().get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix)
+        return sorted(o["Key"][len(prefix) :] for page in pages for o in page.get("Contents", []))
+
 
 @pytest.fixture(scope="session")
 def s3_server() -> Iterator[S3Server]:

@@ -15,34 +15,7 @@ from bert4rec import data
 from bert4rec.config import PrepareConfig
 from bert4rec.io import InputError
 from bert4rec.prepare import prepare, read_interactions
-
-DAY_S = 86_400
-D1 = 1_700_006_400  # 2023-11-15 00:00:00 UTC
-SETTINGS = {"min_rating": 2.0, "min_user_interactions": 3, "max_len": 3}
-
-
-def _write(path, rows):
-    """rows: (user, item, timestamp in s or None, rating)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    u, i, t, r = zip(*rows)
-    pq.write_table(pa.table({"user_id": pa.array(u, pa.int64()), "item_id": pa.array(i, pa.int64()), "timestamp": pa.array(t, pa.int64()), "rating": pa.array(r, pa.float64())}), path)
-
-
-def write_night1(src):
-    # user 1: a tie at D1+1 across files (file a before file b), a low rating, long enough to be cut;
-    # user 2: short on night 1; user 3: a null time; user 4: an event after the night's date
-    _write(src / "dt=2023-11-15" / "a.parquet", [(1, 10, D1 + 1, 5), (1, 20, D1 + 1, 4), (2, 10, D1 + 5, 3), (3, 30, None, 5), (3, 31, D1 + 2, 5), (1, 99, D1 + 3, 1)])
-    _write(src / "dt=2023-11-15" / "b.parquet", [(1, 30, D1 + 1, 3), (1, 40, D1 + 2, 3), (3, 32, D1 + 3, 5), (3, 33, D1 + 4, 5), (4, 50, D1 + 2 * DAY_S, 5), (4, 51, D1 + 10, 5)])
-
-
-def write_night2(src):
-    # late events (before night 1's date), a tie with a night-1 event, user 2 crosses the
-    # threshold, user 1 is cut again, user 4's event of the future now counts, a new user 5
-    _write(src / "dt=2023-11-16" / "a.parquet", [(1, 60, D1 + 1, 5), (2, 11, D1 + 1, 3), (2, 12, D1 + DAY_S, 3), (1, 70, D1 + DAY_S + 5, 4), (4, 52, D1 + 11, 5), (5, 1, D1 + DAY_S, 5)])
-    _write(src / "dt=2023-11-16" / "b.parquet", [(5, 2, D1 + DAY_S + 1, 5), (5, 3, D1 + DAY_S + 1, 5), (3, 34, D1 + DAY_S, 1)])
-    # after night 2's date: a partition never read, and rows past the date inside one that is
-    _write(src / "dt=2023-11-17" / "a.parquet", [(1, 80, D1 + 2 * DAY_S, 5)])
-
+from tests.nights import D1, DAY_S, SETTINGS, write_night1, write_night2
 
 def _sorted(uri):
     return pq.read_table(uri).sort_by("user_id").to_pylist()

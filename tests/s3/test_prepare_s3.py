@@ -4,8 +4,6 @@ incremental one from the first, each equal to the same runs on local disk."""
 from __future__ import annotations
 
 import datetime as dt
-import sys
-from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
@@ -14,11 +12,7 @@ from bert4rec.config import PrepareConfig
 from bert4rec.io import read_json, read_parquet
 from bert4rec.prepare import prepare
 
-sys.path.insert(0, str(Path(__file__).parent))
-from test_score_s3 import keys, upload_dir  # noqa: E402
-
-sys.path.insert(0, str(Path(__file__).parents[1] / "ray"))
-from test_prepare_ray import SETTINGS, write_night1, write_night2  # noqa: E402
+from tests.nights import SETTINGS, write_night1, write_night2
 
 pytestmark = [pytest.mark.s3, pytest.mark.ray]
 
@@ -28,13 +22,13 @@ def _rows(table):
 
 
 def test_a_full_then_an_incremental_night_on_s3_equal_the_same_on_disk(ray_session, s3_server, s3_bucket, tmp_path):
-    storage, client = s3_server.storage, s3_server.client()
+    storage = s3_server.storage
     src = tmp_path / "in"
     write_night1(src)
-    upload_dir(client, str(src), f"{s3_bucket}/in")
+    s3_server.upload_dir(str(src), f"{s3_bucket}/in")
     prepare(PrepareConfig(interactions=f"{s3_bucket}/in", out=f"{s3_bucket}/n1", until=dt.date(2023, 11, 15), storage=storage, **SETTINGS))
     write_night2(src)
-    upload_dir(client, str(src), f"{s3_bucket}/in")
+    s3_server.upload_dir(str(src), f"{s3_bucket}/in")
     s3 = prepare(PrepareConfig(interactions=f"{s3_bucket}/in", out=f"{s3_bucket}/n2", until=dt.date(2023, 11, 16), previous=f"{s3_bucket}/n1", storage=storage, **SETTINGS))
     local = prepare(PrepareConfig(interactions=str(src), out=str(tmp_path / "n2"), until=dt.date(2023, 11, 16), **SETTINGS))
 
@@ -44,4 +38,4 @@ def test_a_full_then_an_incremental_night_on_s3_equal_the_same_on_disk(ray_sessi
     assert read_parquet(f"{s3_bucket}/n2/vocab.parquet", storage).equals(pq.read_table(tmp_path / "n2" / "vocab.parquet"))
     assert read_json(f"{s3_bucket}/n2/stats.json", storage)["users"] == local["users"]
     # the staging area and the replaced sets are gone
-    assert [k for k in keys(client, f"{s3_bucket}/n2") if "_staging" in k or "-old-" in k] == []
+    assert [k for k in s3_server.keys(f"{s3_bucket}/n2") if "_staging" in k or "-old-" in k] == []

@@ -32,16 +32,8 @@ def _stage(out: str, run_id: str, parts: list[pa.Table], storage) -> str:
     return staging
 
 
-def _keys(client, uri: str) -> list[str]:
-    """Every key under ``uri``, relative to it."""
-    bucket, _, prefix = uri[len("s3://") :].partition("/")
-    prefix = prefix.rstrip("/") + "/" if prefix else ""
-    pages = client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix)
-    return sorted(o["Key"][len(prefix) :] for page in pages for o in page.get("Contents", []))
-
-
 def test_publish_replace_and_read(s3_server, s3_bucket):
-    storage, client = s3_server.storage, s3_server.client()
+    storage = s3_server.storage
     out = f"{s3_bucket}/recs/dt=2026-11-24"
     a, b = _table([1, 2, 3], "r1"), _table([4, 5], "r1")
 
@@ -52,7 +44,7 @@ def test_publish_replace_and_read(s3_server, s3_bucket):
     m1 = publish(out, _stage(out, "r1", [a, b], storage), {"model_version": "m1"}, storage)
     assert m1["files"] == ["part-r1-00000.parquet", "part-r1-00001.parquet"]
     assert (m1["rows"], m1["run_id"], m1["model_version"]) == (5, "r1", "m1")
-    assert _keys(client, out) == ["_SUCCESS", "part-r1-00000.parquet", "part-r1-00001.parquet"]
+    assert s3_server.keys(out) == ["_SUCCESS", "part-r1-00000.parquet", "part-r1-00001.parquet"]
     assert read_manifest(out, storage) == m1
     assert read_table(out, storage).equals(pa.concat_tables([a, b]))
     assert pub.published_files(out, storage) == [f"{out}/part-r1-00000.parquet", f"{out}/part-r1-00001.parquet"]
@@ -62,18 +54,18 @@ def test_publish_replace_and_read(s3_server, s3_bucket):
     move_files(out, staging, make_plan(out, staging, storage), storage)
     assert read_manifest(out, storage) == m1
     assert read_table(out, storage).equals(pa.concat_tables([a, b]))
-    assert "part-r3-00000.parquet" in _keys(client, out)
+    assert "part-r3-00000.parquet" in s3_server.keys(out)
 
     # the next publish replaces the table whole and cleans the orphans and every staging dir
     new = _table([10, 11], "r4")
     m2 = publish(out, _stage(out, "r4", [new], storage), {}, storage)
     assert m2["files"] == ["part-r4-00000.parquet"] and m2["rows"] == 2
-    assert _keys(client, out) == ["_SUCCESS", "part-r4-00000.parquet"]
+    assert s3_server.keys(out) == ["_SUCCESS", "part-r4-00000.parquet"]
     assert read_table(out, storage).equals(new)
 
 
 def test_resume_after_crash_mid_move(s3_server, s3_bucket):
-    storage, client = s3_server.storage, s3_server.client()
+    storage = s3_server.storage
     out = f"{s3_bucket}/t"
     parts = [_table([1], "r1"), _table([2, 3], "r1")]
     staging = _stage(out, "r1", parts, storage)
@@ -84,7 +76,7 @@ def test_resume_after_crash_mid_move(s3_server, s3_bucket):
 
     manifest = publish(out, staging, {}, storage)
     assert manifest["rows"] == 3
-    assert _keys(client, out) == ["_SUCCESS", "part-r1-00000.parquet", "part-r1-00001.parquet"]
+    assert s3_server.keys(out) == ["_SUCCESS", "part-r1-00000.parquet", "part-r1-00001.parquet"]
     assert read_table(out, storage).equals(pa.concat_tables(parts))
 
 
@@ -126,7 +118,7 @@ def test_latest(s3_server, s3_bucket):
     assert advance_latest(loc, "dt=2026-11-23", "backfill") == (False, p2)
     moved, p3 = advance_latest(loc, "dt=2026-11-24", "rerun")
     assert moved and (p3["path"], p3["run_id"]) == ("dt=2026-11-24", "b")
-    assert _keys(client, f"{root}/_locks") == []
+    assert s3_server.keys(f"{root}/_locks") == []
 
     # a crafted pointer is refused, naming the object
     write_json({"path": "../other-bucket"}, f"{root}/latest", storage)
@@ -162,12 +154,12 @@ def test_lock(s3_server, s3_bucket, conditional):
                 pass
         assert (e.value.holder, e.value.since) == ("run-A", held["acquired_at"])
         assert str(e.value).startswith(f"{uri} is locked by 'run-A' since")
-    assert _keys(client, f"{s3_bucket}/recs/_locks") == []
+    assert s3_server.keys(f"{s3_bucket}/recs/_locks") == []
 
     with pytest.raises(RuntimeError, match="boom"):
         with lock(uri, "run-B", storage):
             raise RuntimeError("boom")
-    assert _keys(client, f"{s3_bucket}/recs/_locks") == []
+    assert s3_server.keys(f"{s3_bucket}/recs/_locks") == []
 
     stale = {"owner": "dead-run", "token": "t0", "acquired_at": "2026-11-23T00:00:00+00:00", "acquired_at_epoch": time.time() - 7 * 3600}
     write_json(stale, uri, storage)
@@ -176,7 +168,7 @@ def test_lock(s3_server, s3_bucket, conditional):
             pass
     with lock(uri, "run-C", storage) as held:
         assert json.loads(client.get_object(Bucket=s3_bucket[5:], Key=key)["Body"].read())["owner"] == "run-C"
-    assert _keys(client, f"{s3_bucket}/recs/_locks") == []
+    assert s3_server.keys(f"{s3_bucket}/recs/_locks") == []
 
     # taken over by another run meanwhile: release leaves their lock alone
     with lock(uri, "run-D", storage):

@@ -22,25 +22,11 @@ pytestmark = [pytest.mark.s3, pytest.mark.ray]
 K = 5
 
 
-def upload_dir(client, local: str, uri: str) -> None:
-    bucket, _, prefix = uri[len("s3://") :].partition("/")
-    for dirpath, _, names in os.walk(local):
-        for name in names:
-            path = os.path.join(dirpath, name)
-            client.upload_file(path, bucket, f"{prefix}/{os.path.relpath(path, local)}")
-
-
-def keys(client, uri: str) -> list[str]:
-    bucket, _, prefix = uri[len("s3://") :].partition("/")
-    pages = client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix + "/")
-    return sorted(o["Key"][len(prefix) + 1 :] for page in pages for o in page.get("Contents", []))
-
-
 def test_score_from_and_to_s3(ray_session, trained_run, synthetic_data, s3_server, s3_bucket):
-    storage, client = s3_server.storage, s3_server.client()
+    storage = s3_server.storage
     run, hist, out = f"{s3_bucket}/train/run", f"{s3_bucket}/prepared/histories", f"{s3_bucket}/recs/dt=2026-11-24"
-    upload_dir(client, trained_run["out"], run)  # the whole run: --checkpoint resolves its best checkpoint on S3
-    upload_dir(client, synthetic_data["histories"], hist)
+    s3_server.upload_dir(trained_run["out"], run)  # the whole run: --checkpoint resolves its best checkpoint on S3
+    s3_server.upload_dir(synthetic_data["histories"], hist)
 
     score(ScoreConfig(checkpoint=run, histories=hist, out=out, k=K, batch_size=128, storage=storage))
 
@@ -58,4 +44,4 @@ def test_score_from_and_to_s3(ray_session, trained_run, synthetic_data, s3_serve
     assert (manifest["k"], manifest["fallback_users"], manifest["unknown_items"]) == (K, 0, 0)
     assert set(table["model_version"].to_pylist()) == {local.model_version}
     # in the bucket: the manifest and exactly the files it lists; the staging area is gone
-    assert keys(client, out) == sorted(["_SUCCESS", *manifest["files"]])
+    assert s3_server.keys(out) == sorted(["_SUCCESS", *manifest["files"]])

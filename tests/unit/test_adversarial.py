@@ -30,7 +30,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
@@ -40,7 +39,6 @@ import yaml
 from bert4rec import checkpoint as ckpt_lib
 from bert4rec import latest, publish
 from bert4rec.cli import main
-from bert4rec.config import PrepareConfig
 from bert4rec.io import InputError
 from bert4rec.model import BERT4Rec, BERT4RecConfig
 from tests.conftest import prepare_in_process, snapshot

@@ -7,7 +7,7 @@ import pyarrow as pa
 import pytest
 
 from bert4rec.cli import main
-from tests.conftest import cli_result, write_table
+from tests.conftest import cli_result
 
 
 GOOD = pa.table({"user_id": [1, 1, 1, 2, 2, 2], "item_id": [5, 6, 7, 5, 7, 8], "timestamp": [1, 2, 3, 1, 2, 3]})

@@ -3,7 +3,6 @@ MovieLens lines, odd partitions, and outputs placed where the next run would rea
 
 from __future__ import annotations
 
-import datetime as dt
 
 import pyarrow as pa
 import pyarrow.parquet as pq
