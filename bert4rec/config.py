@@ -133,8 +133,8 @@ class TrainSettings(Strict):
     )
     precision: Literal["auto", "fp32", "bf16"] = Field(
         "auto",
-        description="bf16: bf16 autocast for the forward pass (weights, optimizer and loss stay fp32); auto: bf16 on a GPU "
-        "and on a CPU with bf16 matrix units (Intel AMX), fp32 elsewhere",
+        description="bf16: bf16 autocast for the forward pass (weights, optimizer and loss stay fp32); auto: bf16 on a GPU, "
+        "fp32 on a CPU (where bf16 was slower at this model's sizes, AMX or not)",
     )
     seed: int = 0
     keep_checkpoints: int = Field(3, ge=1)

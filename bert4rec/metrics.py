@@ -229,7 +229,7 @@ def popularity_ranks(
 ) -> tuple[np.ndarray, np.ndarray | None]:
     """The same ranks for the most-popular baseline (scores = counts)."""
     num_items = len(counts) - 2
-    row = torch.as_tensor(counts, dtype=torch.float32)
+    row = torch.tensor(counts, dtype=torch.float32)  # a copy: counts may be a read-only view of Arrow memory
     full, sampled = [], []
     for sl, seen in _batches(eval_set, batch_size):
         targets = torch.as_tensor(eval_set.targets[sl])

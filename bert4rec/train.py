@@ -207,20 +207,12 @@ def passes_per_epoch(train_rows: int, samples_per_epoch: int, epoch_sequences: i
     return max(samples_per_epoch, math.ceil(epoch_sequences / train_rows))
 
 
-def cpu_has_bf16_matmul() -> bool:
-    """Whether this CPU multiplies bf16 matrices natively (Intel AMX tiles), where bf16
-    autocast is faster than fp32 rather than slower (AVX-512 BF16 alone only converts)."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            return "amx_bf16" in f.read().split()
-    except OSError:
-        return False
-
-
 def autocast_dtype_for(precision: str, device) -> torch.dtype | None:
-    """``TrainSettings.precision`` on ``device`` -> the autocast dtype (None: fp32)."""
+    """``TrainSettings.precision`` on ``device`` -> the autocast dtype (None: fp32). Auto is
+    fp32 on a CPU: at the paper's width (64) bf16 autocast trained 14% slower than fp32 even
+    on a CPU with AMX (benchmarks/README.md), the casts costing more than the small matmuls gain."""
     if precision == "auto":
-        precision = "bf16" if device.type == "cuda" or (device.type == "cpu" and cpu_has_bf16_matmul()) else "fp32"
+        precision = "bf16" if device.type == "cuda" else "fp32"
     return torch.bfloat16 if precision == "bf16" else None
 
 

@@ -16,12 +16,8 @@ from bert4rec.config import StorageConfig
 # small enough to train in seconds on 2 CPU cores, big enough to beat popularity clearly
 TINY_MODEL = {"max_len": 30, "hidden": 32, "layers": 2, "heads": 2, "dropout": 0.1, "attn_dropout": 0.1}
 # epochs of whole passes (epoch_sequences none) and the latest max_len items only (no windows), so that
-# the tests' epochs and sequence counts follow from the table; fp32 so that they train alike on a CPU
-# with bf16 matrix units or without (precision auto)
-TINY_TRAIN = {
-    "batch_size": 32, "lr": 0.003, "samples_per_epoch": 8, "epoch_sequences": None, "window_stride": None,
-    "warmup_epochs": 0.5, "cpus_per_worker": 0.5, "precision": "fp32",
-}
+# the tests' epochs and sequence counts follow from the table
+TINY_TRAIN = {"batch_size": 32, "lr": 0.003, "samples_per_epoch": 8, "epoch_sequences": None, "window_stride": None, "warmup_epochs": 0.5, "cpus_per_worker": 0.5}
 
 
 @pytest.fixture(scope="session")
