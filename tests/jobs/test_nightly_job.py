@@ -48,7 +48,7 @@ pytestmark = pytest.mark.jobs
 
 DAY1, DAY2, DAY3 = "2026-11-01", "2026-11-02", "2026-11-03"
 DAY1_USERS, NEW_USERS, ITEMS = 400, 100, 150
-EPOCHS = 3
+EPOCHS = 5
 NEW_ITEM_OFFSET = 1000  # day 2 renames every 5th item to an id above day 1's largest
 PNG = b"\x89PNG\r\n\x1a\n"
 

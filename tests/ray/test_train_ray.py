@@ -42,7 +42,7 @@ def test_checkpoints_describe_themselves(trained_run):
 
 
 def _cfg(data, out, **kw):
-    return TrainConfig(data=data, out=out, workers=2, model=TINY_MODEL, **{**TINY_TRAIN, "samples_per_epoch": 1, **kw})
+    return TrainConfig(data=data, out=out, workers=2, **{"model": TINY_MODEL, **TINY_TRAIN, "samples_per_epoch": 1, **kw})
 
 
 def fail_after_epoch(n: int):
@@ -66,14 +66,18 @@ def _metadata(out: str, epoch: int) -> dict:
 
 def test_interrupted_run_resumes_from_the_next_epoch_and_a_finished_one_is_not_trained_again(ray_session, synthetic_data, tmp_path):
     out = str(tmp_path / "run")
+    # the rating embedding left to the data (the default): the synthetic histories have ratings
+    model = {**TINY_MODEL, "use_ratings": None}
     with pytest.raises(Exception, match="injected failure after epoch 1"):
-        train(_cfg(synthetic_data["prepared"], out, epochs=3, max_failures=0), callbacks=[fail_after_epoch(1)])
+        train(_cfg(synthetic_data["prepared"], out, epochs=3, max_failures=0, model=model), callbacks=[fail_after_epoch(1)])
     assert sorted(d for d in os.listdir(os.path.join(out, "train")) if d.startswith("epoch-")) == ["epoch-0001"]
     first = _metadata(out, 1)
     assert first["stopped"] is None and first["since_best"] == 0 and first["train_time_s"] > 0
 
-    summary = train(_cfg(synthetic_data["prepared"], out, epochs=3))
+    summary = train(_cfg(synthetic_data["prepared"], out, epochs=3, model=model))
     assert [h["epoch"] for h in summary["history"]] == [1, 2, 3]
+    with open(os.path.join(out, "train", "epoch-0003", "config.json")) as f:
+        assert json.load(f)["model"]["use_ratings"] is True  # settled from the data, recorded in the checkpoint
     meta = _metadata(out, 3)
     # the first attempt started at epoch 1, the rerun at epoch 2: epoch 1 was not trained again
     assert meta["attempts"] == [1, 2]
@@ -84,7 +88,7 @@ def test_interrupted_run_resumes_from_the_next_epoch_and_a_finished_one_is_not_t
     assert second["train_time_s"] >= first["train_time_s"] + second["metrics"]["train_s"]
 
     # a rerun of the finished run trains nothing and answers with the same summary
-    again = train(_cfg(synthetic_data["prepared"], out, epochs=3))
+    again = train(_cfg(synthetic_data["prepared"], out, epochs=3, model=model))
     assert {k: v for k, v in again.items() if k != "wall_s"} == {k: v for k, v in summary.items() if k != "wall_s"}
     assert sorted(d for d in os.listdir(os.path.join(out, "train")) if d.startswith("epoch-")) == ["epoch-0001", "epoch-0002", "epoch-0003"]
     assert _metadata(out, 3) == meta
