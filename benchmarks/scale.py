@@ -67,6 +67,7 @@ def parse_args(argv=None):
     p.add_argument("--batch-size", type=int, default=256, help="per training worker")
     p.add_argument("--max-len", type=int, default=50)
     p.add_argument("--hidden", type=int, default=64)
+    p.add_argument("--evaluate-users", type=int, default=None, help="evaluate a hash sample of this many users, as the nightly run does (default: every user)")
     p.add_argument("--actors", type=int, default=None, help="scoring actors (default: CPUs - 1, or 1 per GPU with --gpu)")
     p.add_argument("--score-batch-size", type=int, default=2048)
     p.add_argument("--sample-s", type=float, default=0.5)
@@ -218,7 +219,7 @@ def stage_configs(args, users: int, root: str):
         ("generate", lambda: generate(raw, users=users, items=args.items, mean_length=args.events, chunk_users=args.chunk_users)),
         ("prepare", lambda: prepare(PrepareConfig(interactions=raw, out=prepared, max_len=args.max_len))),
         ("train", do_train),
-        ("evaluate", lambda: evaluate(EvaluateConfig(checkpoint=state["summary"]["best_checkpoint"], data=prepared))),
+        ("evaluate", lambda: evaluate(EvaluateConfig(checkpoint=state["summary"]["best_checkpoint"], data=prepared, max_users=args.evaluate_users))),
         (
             "score",
             lambda: score(
