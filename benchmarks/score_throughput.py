@@ -173,7 +173,7 @@ def ensure_checkpoint(args, d: str, items: int) -> str:
                 "count": pa.array(counts[1:], pa.int64()),
             }
         )
-        checkpoint.save(ckpt, model, vocab, metadata={"epoch": 0, "note": "untrained, for benchmarks"})
+        checkpoint.save(ckpt, model, vocab, metadata={"epoch": 0, "metrics": {}, "note": "untrained, for benchmarks"})
     return ckpt
 
 
