@@ -50,6 +50,7 @@ def main() -> None:
     import ray
     import yaml
 
+    from bert4rec.cli import load_config
     from bert4rec.config import EvaluateConfig, PrepareConfig, TrainConfig
     from bert4rec.evaluate import evaluate
     from bert4rec.prepare import prepare
@@ -64,22 +65,20 @@ def main() -> None:
     stats = prepare(PrepareConfig(interactions=os.path.join(work, "ratings.parquet"), out=os.path.join(work, "prepared")))
     print(f"data: {stats['users']} users, {stats['items']} items, {stats['interactions']} interactions")
 
-    overrides: dict = {}
-    for item in a.set:
-        key, _, value = item.partition("=")
-        *parents, leaf = key.split(".")
-        node = overrides
-        for parent in parents:
-            node = node.setdefault(parent, {})
-        node[leaf] = yaml.safe_load(value)
-    cfg = TrainConfig(
-        data=os.path.join(work, "prepared"),
-        out=os.path.join(work, "train"),
-        workers=a.workers,
-        gpu=a.gpu,
-        cpus_per_worker=a.cpus_per_worker,
-        time_budget_s=a.minutes * 60,
-        **overrides,
+    # the CLI's own loader: dotted keys nest (model.hidden), errors are its one-line messages
+    overrides = {key: yaml.safe_load(value) for key, _, value in (item.partition("=") for item in a.set)}
+    cfg = load_config(
+        TrainConfig,
+        None,
+        {
+            "data": os.path.join(work, "prepared"),
+            "out": os.path.join(work, "train"),
+            "workers": a.workers,
+            "gpu": a.gpu,
+            "cpus_per_worker": a.cpus_per_worker,
+            "time_budget_s": a.minutes * 60,
+            **overrides,
+        },
     )
     print("settings changed from the defaults: " + (", ".join(a.set) or "none"))
     t0 = time.time()
