@@ -25,7 +25,7 @@ class BERT4RecConfig(BaseModel):
     layers: int = Field(2, gt=0)
     heads: int = Field(2, gt=0)
     ff_mult: int = Field(4, gt=0)
-    dropout: float = Field(0.2, ge=0, lt=1)
+    dropout: float = Field(0.1, ge=0, lt=1, description="dropout on the embeddings and on each sub-layer's output (the paper's 0.1)")
     attn_dropout: float = Field(0.0, ge=0, lt=1, description="dropout on attention weights")
     norm_first: bool = Field(
         True,
