@@ -136,10 +136,10 @@ def load(uri: str, storage: StorageConfig | None = None, with_optimizer: bool = 
     except (pa.ArrowException, OSError) as e:
         raise InputError(f"checkpoint {uri}: vocab.parquet is not a readable Parquet file ({type(e).__name__}: {_first_line(e)})") from e
     check_vocab(vocab, model_cfg.num_items, f"checkpoint {uri}: vocab.parquet")
-    # built on the meta device and given the stored tensors: no random initialisation to
-    # throw away (seconds at a million items, paid by the driver and every scoring actor)
-    with torch.device("meta"):
-        model = BERT4Rec(model_cfg)
+    # built without the model's own initialisation, which the stored tensors replace (seconds
+    # at a million items, paid by the driver and every scoring actor). Not on the meta device:
+    # the first random draw there imports torch._dynamo, a second of every process's start.
+    model = BERT4Rec(model_cfg, init_weights=False)
     check_state_dict(weights, model.state_dict(), f"checkpoint {uri}: model.pt")
     model.load_state_dict(weights, assign=True)
     model.eval()

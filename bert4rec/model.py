@@ -107,7 +107,9 @@ class TransformerLayer(nn.Module):
 
 
 class BERT4Rec(nn.Module):
-    def __init__(self, config: BERT4RecConfig):
+    def __init__(self, config: BERT4RecConfig, init_weights: bool = True):
+        """``init_weights=False``: weights that a checkpoint will replace; skips the truncated
+        normal draw of the embeddings (seconds at a million items)."""
         super().__init__()
         self.config = config
         c = config
@@ -122,7 +124,8 @@ class BERT4Rec(nn.Module):
         self.head = nn.Linear(c.hidden, c.hidden)
         self.head_norm = nn.LayerNorm(c.hidden)
         self.out_bias = nn.Parameter(torch.zeros(c.vocab_size))
-        self.apply(self._init_weights)
+        if init_weights:
+            self.apply(self._init_weights)
 
     @staticmethod
     def _init_weights(module: nn.Module) -> None:
