@@ -85,7 +85,8 @@ def evaluate(cfg: EvaluateConfig) -> dict:
 
     cluster.require_shared_storage({"checkpoint": cfg.checkpoint, "data": cfg.data}, cfg.storage)
     loaded = ckpt_lib.load(cfg.checkpoint, cfg.storage)
-    _, hist_uri, users = read_prepared(cfg.data, cfg.storage)
+    prepared = read_prepared(cfg.data, cfg.storage)
+    hist_uri, users = prepared.histories, prepared.users
     mc = loaded.model.config
     console.ensure_ray()
     hist_fs, hist_path = arrow_filesystem(hist_uri, cfg.storage)
@@ -135,7 +136,8 @@ def evaluate_in_process(cfg: EvaluateConfig) -> dict:
     """The same figures as :func:`evaluate`, computed here from every sampled history at once
     (the reference the distributed path is tested against; for small tables only)."""
     loaded = ckpt_lib.load(cfg.checkpoint, cfg.storage)
-    _, hist_uri, users = read_prepared(cfg.data, cfg.storage)
+    prepared = read_prepared(cfg.data, cfg.storage)
+    hist_uri, users = prepared.histories, prepared.users
     mc = loaded.model.config
     histories = sampled_histories(read_parquet(hist_uri, cfg.storage, columns=_columns(hist_uri, cfg.storage, mc.use_ratings)), cfg.max_users, users, cfg.seed)
     e = make_eval_set(histories, loaded.vocab_ids, cfg.split, mc.max_len, mc.mask_token, mc.use_ratings)

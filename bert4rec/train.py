@@ -18,7 +18,7 @@ import tempfile
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import NamedTuple, Protocol
 
 import numpy as np
 import pyarrow as pa
@@ -426,9 +426,16 @@ def train_loop_per_worker(loop_config: dict) -> None:
 # ---------------------------------------------------------------- driver
 
 
-def read_prepared(cfg_data: str, storage) -> tuple[pa.Table, str, int]:
-    """Checks what ``prepare`` wrote and reads its small parts: (vocab, the histories URI,
-    the number of users, from the Parquet footers). The histories themselves stay where they are."""
+class Prepared(NamedTuple):
+    vocab: pa.Table
+    histories: str  # URI
+    users: int  # from the Parquet footers
+    has_ratings: bool  # the histories have a ratings column
+
+
+def read_prepared(cfg_data: str, storage) -> Prepared:
+    """Checks what ``prepare`` wrote and reads its small parts (the vocabulary, the histories'
+    schema and footers). The histories themselves stay where they are."""
     vocab_uri, hist_uri = join(cfg_data, "vocab.parquet"), join(cfg_data, "histories")
     for uri in (vocab_uri, hist_uri):
         fs, path = filesystem(uri, storage)
@@ -444,7 +451,7 @@ def read_prepared(cfg_data: str, storage) -> tuple[pa.Table, str, int]:
     for f in parquet_files(hist_uri, storage):
         with fs.open(f, "rb") as fh:
             users += pq.ParquetFile(fh).metadata.num_rows
-    return vocab, hist_uri, users
+    return Prepared(vocab, hist_uri, users, "ratings" in names)
 
 
 def read_sample(hist_uri: str, storage, max_users: int, users: int, seed: int) -> pa.Table:
@@ -479,8 +486,7 @@ def train(cfg: TrainConfig, callbacks: Sequence[EpochCallback] = ()) -> dict:
 
     t0 = time.time()
     cluster.require_shared_storage({"data": cfg.data, "out": cfg.out, "init_from": cfg.init_from}, cfg.storage)
-    vocab, hist_uri, users = read_prepared(cfg.data, cfg.storage)
-    has_ratings = "ratings" in parquet_schema(hist_uri, cfg.storage).names
+    vocab, hist_uri, users, has_ratings = read_prepared(cfg.data, cfg.storage)
     model_cfg = cfg.model.settled(len(vocab), has_ratings)
     if model_cfg.use_ratings and not has_ratings:
         # caught here, on the driver: the workers would each fail inside DDP instead

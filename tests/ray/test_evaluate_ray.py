@@ -35,7 +35,7 @@ def test_the_validation_sample_spans_every_histories_file(ray_session, synthetic
     # three files, lowest user ids first, as prepare writes a large table
     for i, start in enumerate(range(0, histories.num_rows, 200)):
         pq.write_table(histories.slice(start, 200), split / f"part-{i:05d}.parquet")
-    _, _, users = read_prepared(synthetic_data["prepared"], None)
+    users = read_prepared(synthetic_data["prepared"], None).users
     assert users == histories.num_rows == 600
     sample = read_sample(str(split), None, 50, 600, seed=0)
     ids = sample["user_id"].to_numpy()
