@@ -179,6 +179,12 @@ class RayCluster:
         """The state API's actors, dead ones included (``class_name``, ``node_id``, ``state``, ...)."""
         return self.get("/api/v0/actors?limit=10000&detail=1")["data"]["result"]["result"]
 
+    def tasks(self, **filters: str) -> list[dict]:
+        """The state API's tasks whose fields equal ``filters`` (``actor_id``, ``state``, ...),
+        each with ``name``, ``node_id``, ``actor_id``, ``state``, ..."""
+        query = "".join(f"&filter_keys={k}&filter_predicates=%3D&filter_values={v}" for k, v in filters.items())
+        return self.get(f"/api/v0/tasks?limit=10000&detail=1{query}")["data"]["result"]["result"]
+
     def wait(self, sid: str, timeout: float = 540) -> dict:
         deadline = time.time() + timeout
         while True:
