@@ -50,6 +50,7 @@ def main() -> None:
     import ray
     import yaml
 
+    from bert4rec import console
     from bert4rec.cli import load_config
     from bert4rec.config import EvaluateConfig, PrepareConfig, TrainConfig
     from bert4rec.evaluate import evaluate
@@ -57,8 +58,13 @@ def main() -> None:
     from bert4rec.train import train
 
     work = a.work or tempfile.mkdtemp(prefix="bert4rec-quality-")
-    # before prepare, which would otherwise start a Ray of its own with every core
-    ray.init(num_cpus=max(1, int(a.workers * a.cpus_per_worker)), num_gpus=a.workers if a.gpu else 0, include_dashboard=False, logging_level="ERROR", log_to_driver=True)
+    os.makedirs(work, exist_ok=True)
+    # before prepare, which would otherwise start a Ray of its own with every core; the CLI's
+    # console: the epoch lines come through it, Ray's own output stays in its log files
+    console.setup_logging(verbose=False)
+    ray.init(num_cpus=max(1, int(a.workers * a.cpus_per_worker)), num_gpus=a.workers if a.gpu else 0, **console.ray_init_kwargs(verbose=False))
+    console.start()
+    console.quiet_ray_data(verbose=False)
     t = pq.read_table(a.ratings)
     t = t.filter(pc.less_equal(t["user_id"], a.max_user))
     pq.write_table(t, os.path.join(work, "ratings.parquet"))
@@ -83,6 +89,7 @@ def main() -> None:
     print("settings changed from the defaults: " + (", ".join(a.set) or "none"))
     t0 = time.time()
     summary = train(cfg)
+    console.stop()  # the epoch lines printed, before the tables below
     print(f"training wall time {time.time() - t0:.0f}s (incl. start-up), best epoch {summary['best_epoch']}")
     print(f"{'epoch':>5} {'wall_s':>8} {'loss':>7} {'val_ndcg@10':>11} {'val_hr@10':>9}")
     wall, first = 0.0, {0.15: None, 0.17: None}

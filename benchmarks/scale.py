@@ -176,14 +176,14 @@ class Sampler:
 
 def write_sample(prepared: str, out: str, sample_users: int, users: int) -> None:
     """A prepared directory of a hash sample of the users (the same vocabulary), written by Ray
-    Data tasks: the driver does not read the histories."""
+    Data tasks: the driver does not read the histories. Training reads no stats.json, and the
+    full table's would misstate the sample, so there is none."""
     import ray.data
 
     from bert4rec.metrics import sampled_histories
 
     os.makedirs(out, exist_ok=True)
-    for name in ("vocab.parquet", "stats.json"):
-        shutil.copy(os.path.join(prepared, name), os.path.join(out, name))
+    shutil.copy(os.path.join(prepared, "vocab.parquet"), os.path.join(out, "vocab.parquet"))
     ds = ray.data.read_parquet(os.path.join(prepared, "histories"), file_extensions=["parquet"])
     ds.map_batches(sampled_histories, batch_format="pyarrow", fn_kwargs={"max_users": sample_users, "users": users}).write_parquet(os.path.join(out, "histories"))
 
