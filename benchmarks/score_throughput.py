@@ -85,6 +85,7 @@ def parse_args(argv=None):
     p.add_argument("--cpus", type=int, default=os.cpu_count() or 1, help="ray.init(num_cpus=...)")
     p.add_argument("--k", type=int, default=10)
     p.add_argument("--item-chunk-size", type=int, default=262_144)
+    p.add_argument("--sub-batch", type=int, default=None, help="ScoreConfig.sub_batch, and the bare loop's (default: ScoreConfig's; on a GPU, try the batch size)")
     p.add_argument("--rows-per-file", type=int, default=100_000, help="ScoreConfig.rows_per_file")
     p.add_argument("--hidden", type=int, default=64)
     p.add_argument("--layers", type=int, default=2)
@@ -368,6 +369,7 @@ def child_ray(args) -> dict:
         threads_per_actor=args.threads_per_actor,
         gpu=args.gpu,
         item_chunk_size=args.item_chunk_size,
+        **({"sub_batch": args.sub_batch} if args.sub_batch else {}),
         rows_per_file=args.rows_per_file,
     )
     warm = 0.0
@@ -394,7 +396,7 @@ def child_bare(args) -> dict:
     import pyarrow.parquet as pq
     import torch
 
-    from bert4rec.config import StorageConfig
+    from bert4rec.config import ScoreConfig, StorageConfig
     from bert4rec.score import Scorer, featurize
 
     if args.bare_threads:
@@ -409,6 +411,7 @@ def child_bare(args) -> dict:
     scorer = Scorer(
         ckpt, StorageConfig(), args.k, args.item_chunk_size, args.gpu, np.zeros(0, np.int64), None,
         dt.datetime.now(dt.timezone.utc).replace(microsecond=0),
+        sub_batch=args.sub_batch or ScoreConfig.model_fields["sub_batch"].default,
     )
     mc = scorer.model.config
     kw = {"vocab_ids": scorer.vocab_ids, "max_len": mc.max_len, "mask_token": mc.mask_token, "use_ratings": mc.use_ratings}

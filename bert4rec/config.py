@@ -196,6 +196,12 @@ class ScoreSettings(Strict):
     exclude: str | None = Field(None, description="Parquet of item_id, or of user_id, item_id, never recommended")
     items: str | None = Field(None, description="Parquet of item_id, title, ...: titles ride along")
     item_chunk_size: int = Field(262_144, gt=0, description="top-k over the catalogue in chunks of this many items")
+    sub_batch: int = Field(
+        128,
+        gt=0,
+        description="users that go through the model together inside a batch, grouped by history length so that "
+        "short histories are not padded to the longest; on a GPU, larger (up to batch_size) keeps it busy",
+    )
     rows_per_file: int = Field(
         100_000,
         gt=0,

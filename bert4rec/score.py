@@ -35,9 +35,6 @@ from bert4rec.io import InputError, arrow_filesystem, filesystem, join, parquet_
 from bert4rec.model import BERT4Rec
 from bert4rec.ranking import chunked_topk, topk_excluding
 
-# users scored together inside a batch, grouped by history length
-SUB_BATCH = 128
-
 OUTPUT_SCHEMA = pa.schema(
     [
         ("user_id", pa.int64()),
@@ -217,6 +214,7 @@ class Scorer:
         titles: np.ndarray | None,
         generated_at: dt.datetime,
         threads: int | None = None,
+        sub_batch: int | None = None,
     ):
         if threads is not None:
             torch.set_num_threads(threads)
@@ -230,6 +228,7 @@ class Scorer:
         self.popularity = torch.as_tensor(pop, device=self.device)
         self.global_exclude = torch.tensor(np.array(global_exclude), dtype=torch.int64, device=self.device)
         self.k, self.item_chunk_size, self.titles, self.generated_at = k, item_chunk_size, titles, generated_at
+        self.sub_batch = sub_batch
         self.autocast_dtype = torch.bfloat16 if use_gpu else None
         self.board = console.board()  # the driver's progress counter, when it has one
 
@@ -248,7 +247,7 @@ class Scorer:
             self.popularity,
             self.item_chunk_size,
             self.autocast_dtype,
-            sub_batch=SUB_BATCH,
+            sub_batch=self.sub_batch,
         )
         user_id = batch["user_id"].to_numpy()
         rows = to_rows(user_id, values.float().cpu().numpy(), top.cpu().numpy(), fallback.cpu().numpy(), self.vocab_ids, self.model_version, self.generated_at, self.titles)
@@ -422,6 +421,7 @@ def _score_and_publish(cfg, loaded, users, has_ratings, global_exclude, ex_users
             "titles": titles,
             "generated_at": generated_at,
             "threads": cfg.threads_per_actor,
+            "sub_batch": cfg.sub_batch,
         },
         batch_size=cfg.batch_size,
         batch_format="pyarrow",

@@ -278,7 +278,10 @@ def hand_made_checkpoint(tmp_path):
     return str(tmp_path / "ckpt"), meta["model_version"]
 
 
-def test_scorer_end_to_end_without_ray(hand_made_checkpoint):
+@pytest.mark.parametrize("sub_batch", [None, 1, 2])
+def test_scorer_end_to_end_without_ray(hand_made_checkpoint, sub_batch):
+    """The same rows whether the batch goes through the model whole or in sub-batches
+    (``ScoreConfig.sub_batch``) of one or two users grouped by history length."""
     uri, version = hand_made_checkpoint
     histories = pa.table(
         {
@@ -289,7 +292,7 @@ def test_scorer_end_to_end_without_ray(hand_made_checkpoint):
     titles = np.array([None, "t10", "t20", "t30", "t40", "t50", "t60", None], dtype=object)
     # user 12 also excludes item 40 (token 4); item 60 (token 6) is excluded for everybody
     feats = featurize(histories, VOCAB_IDS, MAX_LEN, MASK, False, np.array([12]), np.array([4]))
-    scorer = Scorer(uri, StorageConfig(), k=3, item_chunk_size=2, use_gpu=False, global_exclude=np.array([6]), titles=titles, generated_at=GEN_AT)
+    scorer = Scorer(uri, StorageConfig(), k=3, item_chunk_size=2, use_gpu=False, global_exclude=np.array([6]), titles=titles, generated_at=GEN_AT, sub_batch=sub_batch)
     rows = scorer(feats)
     assert rows.column_names == OUTPUT_SCHEMA.names + ["titles", "unknown_items"]
     got = rows.to_pydict()
