@@ -51,10 +51,12 @@ class BERT4RecConfig(BaseModel):
         return self.model_copy(update={"num_items": num_items, "use_ratings": use_ratings})
 
     def changes_from(self, trained: "BERT4RecConfig") -> list[str]:
-        """The settings in which this (requested) config differs from a ``trained`` model's,
-        leaving out what training settles from the data (see :meth:`settled`)."""
+        """The settings in which this (requested) config's architecture differs from a
+        ``trained`` model's, leaving out what training settles from the data (see
+        :meth:`settled`) and the dropout rates, which the same weights train on under any."""
         left_to_data = {"num_items"} | ({"use_ratings"} if self.use_ratings is None else set())
-        ours, theirs = self.model_dump(exclude=left_to_data), trained.model_dump(exclude=left_to_data)
+        ignored = left_to_data | {"dropout", "attn_dropout"}
+        ours, theirs = self.model_dump(exclude=ignored), trained.model_dump(exclude=ignored)
         return sorted(k for k in ours if ours[k] != theirs.get(k))
 
     @property
@@ -108,8 +110,9 @@ class TransformerLayer(nn.Module):
 
 class BERT4Rec(nn.Module):
     def __init__(self, config: BERT4RecConfig, init_weights: bool = True):
-        """``init_weights=False``: weights that a checkpoint will replace; skips the truncated
-        normal draw of the embeddings (seconds at a million items)."""
+        """``init_weights=False``: for weights that a checkpoint will replace; skips the
+        model's own initialisation (its truncated normal over the item embedding takes
+        seconds at a million items)."""
         super().__init__()
         self.config = config
         c = config

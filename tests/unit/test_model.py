@@ -133,3 +133,5 @@ def test_changes_from_a_trained_config_leave_out_what_the_data_settles():
     assert BERT4RecConfig(hidden=32, use_ratings=True).changes_from(trained) == []
     assert BERT4RecConfig(hidden=32, use_ratings=False).changes_from(trained) == ["use_ratings"]
     assert BERT4RecConfig(hidden=64, layers=3).changes_from(trained) == ["hidden", "layers"]
+    # dropout is training, not architecture: the weights warm-start under any rate
+    assert BERT4RecConfig(hidden=32, dropout=0.3, attn_dropout=0.2).changes_from(trained) == []
