@@ -31,7 +31,7 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
-def main() -> None:
+def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--ratings", required=True, help="MovieLens-1M ratings as Parquet (user_id, item_id, rating, timestamp)")
     p.add_argument("--max-user", type=int, default=2999)
@@ -41,14 +41,25 @@ def main() -> None:
     p.add_argument("--gpu", action="store_true", help="one GPU per worker")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override one TrainConfig default (YAML value), e.g. model.hidden=128; repeatable")
     p.add_argument("--work", default=None, help="working directory (default: a temporary one)")
-    a = p.parse_args()
+    a = p.parse_args(argv)
     if a.cpus_per_worker is None:
         a.cpus_per_worker = max(1.0, (os.cpu_count() or 1) // a.workers)
+    return a
+
+
+def train_overrides(items: list[str]) -> dict:
+    """``--set KEY=VALUE`` items -> {dotted key: YAML value} for ``cli.load_config``."""
+    import yaml
+
+    return {key: yaml.safe_load(value) for key, _, value in (item.partition("=") for item in items)}
+
+
+def main() -> None:
+    a = parse_args()
 
     import pyarrow.compute as pc
     import pyarrow.parquet as pq
     import ray
-    import yaml
 
     from bert4rec import console
     from bert4rec.cli import load_config
@@ -72,7 +83,7 @@ def main() -> None:
     print(f"data: {stats['users']} users, {stats['items']} items, {stats['interactions']} interactions")
 
     # the CLI's own loader: dotted keys nest (model.hidden), errors are its one-line messages
-    overrides = {key: yaml.safe_load(value) for key, _, value in (item.partition("=") for item in a.set)}
+    overrides = train_overrides(a.set)
     cfg = load_config(
         TrainConfig,
         None,
