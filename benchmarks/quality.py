@@ -5,7 +5,7 @@ all ratings, no rating threshold, leave-one-out, full ranking with seen items ex
     python benchmarks/quality.py --ratings ../shared/data/ratings.parquet --minutes 5 --gpu
 
 It trains with the library's defaults (``bert4rec train --data D --out O --time-budget-s S``:
-the paper's model size, batch 64, lr 2e-3, epochs of 20,000 sequences, windows every 50 items
+the paper's model size and dropout 0.1, batch 64, lr 2e-3, epochs of 20,000 sequences, windows every 50 items
 over histories longer than 200, a rating embedding when the data has ratings). Only the time
 budget and the resources are set here: one Ray Train worker with all of this machine's cores
 (``--workers``, ``--cpus-per-worker``, ``--gpu``). Any other setting can be changed for an
