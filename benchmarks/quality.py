@@ -59,7 +59,6 @@ def main() -> None:
 
     import pyarrow.compute as pc
     import pyarrow.parquet as pq
-    import ray
 
     from bert4rec import console
     from bert4rec.cli import load_config
@@ -73,9 +72,7 @@ def main() -> None:
     # before prepare, which would otherwise start a Ray of its own with every core; the CLI's
     # console: the epoch lines come through it, Ray's own output stays in its log files
     console.setup_logging(verbose=False)
-    ray.init(num_cpus=max(1, int(a.workers * a.cpus_per_worker)), num_gpus=a.workers if a.gpu else 0, **console.ray_init_kwargs(verbose=False))
-    console.start()
-    console.quiet_ray_data(verbose=False)
+    console.ensure_ray(num_cpus=max(1, int(a.workers * a.cpus_per_worker)), num_gpus=a.workers if a.gpu else 0)
     t = pq.read_table(a.ratings)
     t = t.filter(pc.less_equal(t["user_id"], a.max_user))
     pq.write_table(t, os.path.join(work, "ratings.parquet"))

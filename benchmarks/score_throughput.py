@@ -113,6 +113,10 @@ def parse_args(argv=None):
     p.add_argument("--data-dir", help=argparse.SUPPRESS)
     p.add_argument("--ckpt-dir", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
+    if args.sub_batch is None:
+        from bert4rec.config import ScoreSettings
+
+        args.sub_batch = ScoreSettings.model_fields["sub_batch"].default
     if args.actors is None:
         args.actors = 1 if args.gpu else 2
     if args.cpus_per_actor is None:
@@ -369,7 +373,7 @@ def child_ray(args) -> dict:
         threads_per_actor=args.threads_per_actor,
         gpu=args.gpu,
         item_chunk_size=args.item_chunk_size,
-        **({"sub_batch": args.sub_batch} if args.sub_batch else {}),
+        sub_batch=args.sub_batch,
         rows_per_file=args.rows_per_file,
     )
     warm = 0.0
@@ -396,7 +400,7 @@ def child_bare(args) -> dict:
     import pyarrow.parquet as pq
     import torch
 
-    from bert4rec.config import ScoreConfig, StorageConfig
+    from bert4rec.config import StorageConfig
     from bert4rec.score import Scorer, featurize
 
     if args.bare_threads:
@@ -411,7 +415,7 @@ def child_bare(args) -> dict:
     scorer = Scorer(
         ckpt, StorageConfig(), args.k, args.item_chunk_size, args.gpu, np.zeros(0, np.int64), None,
         dt.datetime.now(dt.timezone.utc).replace(microsecond=0),
-        sub_batch=args.sub_batch or ScoreConfig.model_fields["sub_batch"].default,
+        sub_batch=args.sub_batch,
     )
     mc = scorer.model.config
     kw = {"vocab_ids": scorer.vocab_ids, "max_len": mc.max_len, "mask_token": mc.mask_token, "use_ratings": mc.use_ratings}

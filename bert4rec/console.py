@@ -247,16 +247,17 @@ def stop() -> None:
 _verbose = False
 
 
-def ensure_ray() -> None:
+def ensure_ray(**resources) -> None:
     """Joins the cluster this process runs in (a Ray job, ``RAY_ADDRESS``), else starts a
-    local one, with Ray's own console output quiet unless ``setup_logging(verbose=True)``
-    ran; then the console that prints what workers say. Every command calls it once its own
-    checks of the input have passed, so that bad input is refused without starting Ray. A
-    Ray that is already running (a test's, a notebook's) is used as it is."""
+    local one (``resources``: its ``ray.init`` sizes, e.g. ``num_cpus``), with Ray's own
+    console output quiet unless ``setup_logging(verbose=True)`` ran; then the console that
+    prints what workers say. Every command calls it once its own checks of the input have
+    passed, so that bad input is refused without starting Ray. A Ray that is already running
+    (a test's, a notebook's) is used as it is."""
     import ray
 
     if not ray.is_initialized():
-        ray.init(address=os.environ.get("RAY_ADDRESS"), **ray_init_kwargs(_verbose))
+        ray.init(address=os.environ.get("RAY_ADDRESS"), **resources, **ray_init_kwargs(_verbose))
         start()
     quiet_ray_data(_verbose)
 
