@@ -136,6 +136,13 @@ class TrainSettings(Strict):
         description="bf16: bf16 autocast for the forward pass (weights, optimizer and loss stay fp32); auto: bf16 on a GPU, "
         "fp32 on a CPU (where bf16 was slower at this model's sizes, AMX or not)",
     )
+    weight_average: float = Field(
+        0.0,
+        ge=0,
+        lt=1,
+        description="decay of an exponential moving average of the weights, updated every step (0: off); validation, "
+        "checkpoints and scoring then use the average, and metrics add raw_val_ndcg@10 for the weights as trained",
+    )
     seed: int = 0
     keep_checkpoints: int = Field(3, ge=1)
     max_failures: int = Field(1, ge=0, description="worker-group restarts from the latest checkpoint")

@@ -12,6 +12,7 @@ workers from it.
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import tempfile
@@ -22,7 +23,6 @@ from typing import NamedTuple, Protocol
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 import torch
 
 from bert4rec import checkpoint as ckpt_lib
@@ -30,7 +30,7 @@ from bert4rec import cluster
 from bert4rec import console
 from bert4rec import data
 from bert4rec.config import TrainConfig, TrainSettings
-from bert4rec.io import InputError, arrow_filesystem, filesystem, join, parquet_files, parquet_schema, read_json, read_parquet, write_json
+from bert4rec.io import InputError, arrow_filesystem, filesystem, join, parquet_rows, parquet_schema, read_json, read_parquet, write_json
 from bert4rec.metrics import EvalSet, make_eval_set, model_ranks, popularity, popularity_ranks, sampled_histories
 from bert4rec.model import BERT4Rec, BERT4RecConfig, cloze_loss, negative_sampler, sampled_cloze_loss
 from bert4rec.ranking import hr_ndcg_mrr
@@ -216,6 +216,23 @@ def autocast_dtype_for(precision: str, device) -> torch.dtype | None:
     return torch.bfloat16 if precision == "bf16" else None
 
 
+class WeightAverage:
+    """An exponential moving average of a model's weights (Polyak averaging), kept in a copy
+    of the model. The decay warms up as ``min(decay, (1 + n) / (10 + n))`` over the first
+    updates, so the random initialisation is soon forgotten; ``updates`` resumes that count."""
+
+    def __init__(self, model: torch.nn.Module, decay: float, updates: int = 0):
+        self.model = copy.deepcopy(model).eval().requires_grad_(False)
+        self.decay, self.updates = decay, updates
+
+    @torch.no_grad()
+    def update(self, model: torch.nn.Module) -> None:
+        self.updates += 1
+        w = 1.0 - min(self.decay, (1 + self.updates) / (10 + self.updates))
+        for avg, p in zip(self.model.parameters(), model.parameters(), strict=True):
+            avg.lerp_(p.detach(), w)
+
+
 def train_epoch(
     model,
     batches,
@@ -227,8 +244,10 @@ def train_epoch(
     device,
     autocast_dtype,
     loss_fn=cloze_loss,
+    average: WeightAverage | None = None,
 ) -> tuple[float, int]:
-    """One pass over ``batches`` of {"tokens": (B, T)[, "ratings"]} with fresh Cloze masks.
+    """One pass over ``batches`` of {"tokens": (B, T)[, "ratings"]} with fresh Cloze masks,
+    updating ``average`` (of the unwrapped model's weights) after every step.
     Returns (mean loss, sequences seen).
 
     Made for a GPU as much as a CPU: each batch is moved once and masked on the device
@@ -251,6 +270,8 @@ def train_epoch(
         torch.nn.utils.clip_grad_norm_(model.parameters(), 5.0)
         optimizer.step()
         scheduler.step()
+        if average is not None:
+            average.update(model.module if hasattr(model, "module") else model)
         total += loss.detach()
         n_batches += 1
         n_seq += len(tokens)
@@ -304,11 +325,18 @@ def train_loop_per_worker(loop_config: dict) -> None:
         run = run_state(loaded.metadata)
         if run.stopped:
             return  # the run had ended (a restart after its last checkpoint): nothing to train
-        model.load_state_dict(loaded.model.state_dict())
         state = loaded.optimizer_state
+        # with a weight average the checkpoint's model is the average, and the weights as
+        # trained ride with the optimizer's state
+        model.load_state_dict(state["raw_model"] if "raw_model" in state else loaded.model.state_dict())
         warm = loaded.metadata.get("warm_start")
     elif loop_config.get("init_from"):
         warm = ckpt_lib.warm_start(model, vocab, ckpt_lib.load(loop_config["init_from"], cfg.storage))
+    average = None
+    if cfg.weight_average > 0:
+        average = WeightAverage(model, cfg.weight_average, int(state.get("average_updates", 0)) if state else 0)
+        if state is not None and "raw_model" in state:
+            average.model.load_state_dict(loaded.model.state_dict())
     start_epoch, history, since_best = run.next_epoch, run.history, run.since_best
     attempts = run.attempts + [start_epoch]
 
@@ -348,13 +376,17 @@ def train_loop_per_worker(loop_config: dict) -> None:
                 prefetch_batches=2,
             )
             batches = (b for s in supers for b in data.length_buckets(s, cfg.batch_size, gen))
-            loss, n = train_epoch(model, batches, optimizer, scheduler, cfg, model_cfg.mask_token, device_gen, device, autocast_dtype, loss_fn)
+            loss, n = train_epoch(model, batches, optimizer, scheduler, cfg, model_cfg.mask_token, device_gen, device, autocast_dtype, loss_fn, average)
             losses.append(loss)
             seqs += n
         train_s = time.time() - t0
-        sums = eval_epoch(core, val_set, device)
+        served = average.model if average is not None else core  # what validation, checkpoints and scoring see
+        sums = eval_epoch(served, val_set, device)
+        raw_ndcg = eval_epoch(core, val_set, device)["ndcg@10"] if average is not None else 0.0
         elapsed = time.time() - loop_start
-        totals = torch.tensor([sums["ndcg@10"], sums["hr@10"], sums["mrr"], sums["n"], float(np.mean(losses)), float(seqs)], dtype=torch.float64, device=device)
+        totals = torch.tensor(
+            [sums["ndcg@10"], sums["hr@10"], sums["mrr"], sums["n"], float(np.mean(losses)), float(seqs), raw_ndcg], dtype=torch.float64, device=device
+        )
         # training time so far: the slowest rank's, the same on every rank after the reduce
         run_time = torch.tensor([elapsed], dtype=torch.float64, device=device)
         if world > 1:
@@ -373,6 +405,8 @@ def train_loop_per_worker(loop_config: dict) -> None:
             "train_s": train_s,
             "lr": scheduler.get_last_lr()[0],
         }
+        if average is not None:
+            metrics["raw_val_ndcg@10"] = totals[6].item() / n_val
         history = history + [metrics]
         run_s = run_time.item()
         if metrics["val_ndcg@10"] > best:
@@ -389,15 +423,19 @@ def train_loop_per_worker(loop_config: dict) -> None:
             # Ray's log files unless --verbose)
             console.say(
                 f"epoch {epoch}/{cfg.epochs}: loss {metrics['loss']:.4f}  val ndcg@10 {metrics['val_ndcg@10']:.4f}  "
-                f"hr@10 {metrics['val_hr@10']:.4f}  lr {metrics['lr']:.2e}  {metrics['epoch_s']:.1f}s "
+                + (f"(as trained {metrics['raw_val_ndcg@10']:.4f})  " if average is not None else "")
+                + f"hr@10 {metrics['val_hr@10']:.4f}  lr {metrics['lr']:.2e}  {metrics['epoch_s']:.1f}s "
                 f"({run_s:.0f}s since start)" + (f"; stopping ({stopped})" if stopped and stopped != "epochs" else "")
             )
         with tempfile.TemporaryDirectory() as tmp:
             checkpoint = None
             if rank == 0:
+                trained = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}
+                if average is not None:
+                    trained.update(raw_model=core.state_dict(), average_updates=average.updates)
                 ckpt_lib.save(
                     tmp,
-                    core,
+                    served,
                     vocab,
                     metadata={
                         "epoch": epoch,
@@ -413,7 +451,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
                         "data": cfg.data,
                     },
                     train_config=cfg.model_dump(mode="json", exclude={"storage"}),
-                    optimizer_state={"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()},
+                    optimizer_state=trained,
                 )
                 checkpoint = ray.train.Checkpoint.from_directory(tmp)
             ray.train.report(metrics, checkpoint=checkpoint, checkpoint_dir_name=f"epoch-{epoch:04d}")
@@ -446,12 +484,7 @@ def read_prepared(cfg_data: str, storage) -> Prepared:
     for name in ("user_id", "item_ids"):
         if name not in names:
             raise InputError(f"{hist_uri}: missing column {name!r}")
-    fs, _ = filesystem(hist_uri, storage)
-    users = 0
-    for f in parquet_files(hist_uri, storage):
-        with fs.open(f, "rb") as fh:
-            users += pq.ParquetFile(fh).metadata.num_rows
-    return Prepared(vocab, hist_uri, users, "ratings" in names)
+    return Prepared(vocab, hist_uri, parquet_rows(hist_uri, storage), "ratings" in names)
 
 
 def read_sample(hist_uri: str, storage, max_users: int, users: int, seed: int) -> pa.Table:

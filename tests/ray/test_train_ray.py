@@ -4,6 +4,7 @@ import json
 import os
 
 import pytest
+import torch
 
 from bert4rec import checkpoint
 from bert4rec.config import EvaluateConfig, TrainConfig
@@ -106,3 +107,23 @@ def test_a_restarted_worker_group_keeps_its_patience_count(ray_session, syntheti
     meta = _metadata(out, 3)
     assert meta["attempts"] == [1, 3]
     assert (meta["since_best"], meta["stopped"]) == (2, "patience") and summary["stopped"] == "patience"
+
+
+def test_a_weight_average_is_what_checkpoints_serve_and_a_resume_goes_on_with_it(ray_session, synthetic_data, tmp_path):
+    out = str(tmp_path / "run")
+    with pytest.raises(Exception, match="injected failure after epoch 1"):
+        train(_cfg(synthetic_data["prepared"], out, epochs=2, max_failures=0, weight_average=0.9), callbacks=[fail_after_epoch(1)])
+    summary = train(_cfg(synthetic_data["prepared"], out, epochs=2, weight_average=0.9))
+    assert [h["epoch"] for h in summary["history"]] == [1, 2]
+    assert all(0.0 < h["raw_val_ndcg@10"] <= 1.0 for h in summary["history"])
+    first = checkpoint.load(os.path.join(out, "train", "epoch-0001"), with_optimizer=True)
+    last = checkpoint.load(os.path.join(out, "train", "epoch-0002"), with_optimizer=True)
+    assert _metadata(out, 2)["attempts"] == [1, 2]
+    # the rerun went on with the first attempt's average and its count, one update per step
+    steps = first.optimizer_state["average_updates"]
+    assert steps > 0 and last.optimizer_state["average_updates"] == 2 * steps
+    # the checkpoint's model (what evaluate and score load) is the average; the weights as
+    # trained ride with the optimizer's state, for the resume
+    raw, served = last.optimizer_state["raw_model"], last.model.state_dict()
+    assert set(raw) == set(served)
+    assert not torch.equal(raw["item_emb.weight"], served["item_emb.weight"])

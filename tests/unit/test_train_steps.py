@@ -8,7 +8,7 @@ import torch
 
 from bert4rec.config import TrainConfig
 from bert4rec.model import BERT4Rec, BERT4RecConfig, cloze_loss
-from bert4rec.train import FULL_SOFTMAX_MAX_ITEMS, autocast_dtype_for, WarmupCosine, loss_function, passes_per_epoch, train_epoch, uses_sampled_softmax
+from bert4rec.train import FULL_SOFTMAX_MAX_ITEMS, WarmupCosine, WeightAverage, autocast_dtype_for, loss_function, passes_per_epoch, train_epoch, uses_sampled_softmax
 
 
 @pytest.mark.parametrize(
@@ -54,3 +54,43 @@ def test_a_pass_trains_and_reports_its_mean_loss(loss, autocast):
 )
 def test_precision_auto_is_bf16_autocast_on_a_gpu_only(precision, device, expected):
     assert autocast_dtype_for(precision, torch.device(device)) == expected
+
+
+def test_the_weight_average_warms_its_decay_up_and_leaves_the_model_alone():
+    model = torch.nn.Linear(1, 1, bias=False)
+    with torch.no_grad():
+        model.weight.fill_(0.0)
+    average = WeightAverage(model, decay=0.9)
+    assert not average.model.training and not average.model.weight.requires_grad
+    with torch.no_grad():
+        model.weight.fill_(1.0)
+    average.update(model)  # decay min(0.9, 2 / 11): 0 + (1 - 2/11) x (1 - 0)
+    assert average.model.weight.item() == pytest.approx(9 / 11)
+    average.update(model)  # decay min(0.9, 3 / 12) = 0.25
+    assert average.model.weight.item() == pytest.approx(9 / 11 + 0.75 * (1 - 9 / 11))
+    assert model.weight.item() == 1.0 and average.updates == 2
+    # past the warm-up the configured decay holds, and a resumed count goes on from where it was
+    late = WeightAverage(torch.nn.Linear(1, 1, bias=False), 0.9, updates=1000)
+    late.model.weight.fill_(0.0)
+    late.update(model)
+    assert late.model.weight.item() == pytest.approx(0.1) and late.updates == 1001
+
+
+def test_a_pass_updates_the_weight_average_once_per_step():
+    torch.manual_seed(0)
+    mc = BERT4RecConfig(num_items=30, max_len=8, hidden=16, layers=1, heads=2, dropout=0.0, attn_dropout=0.0)
+    cfg = TrainConfig(data="d", out="o", batch_size=4, model=mc)
+    model = BERT4Rec(mc)
+    start = {k: v.clone() for k, v in model.state_dict().items()}
+    average = WeightAverage(model, 0.99)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, WarmupCosine(1, 100, 0.1))
+    gen = torch.Generator().manual_seed(1)
+    tokens = torch.tensor([[1, 2, 3, 4, 5, 6, 7, 8]] * 4)
+    train_epoch(model, [{"tokens": tokens}] * 5, optimizer, scheduler, cfg, mc.mask_token, gen, torch.device("cpu"), None, cloze_loss, average)
+    assert average.updates == 5
+    trained, averaged = model.state_dict(), average.model.state_dict()
+    w = "item_emb.weight"
+    # the average has moved from the start, but less far than the weights as trained
+    assert not torch.equal(averaged[w], start[w])
+    assert (averaged[w] - start[w]).norm() < (trained[w] - start[w]).norm()
