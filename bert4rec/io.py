@@ -253,6 +253,16 @@ def parquet_files(uri: str, storage: StorageConfig | None = None) -> list[str]:
     return files
 
 
+def parquet_rows(uri: str, storage: StorageConfig | None = None) -> int:
+    """Rows of a Parquet file or directory of files, from the footers alone."""
+    fs, _ = filesystem(uri, storage)
+    rows = 0
+    for f in parquet_files(uri, storage):
+        with fs.open(f, "rb") as fh:
+            rows += pq.ParquetFile(fh).metadata.num_rows
+    return rows
+
+
 def read_parquet(uri: str, storage: StorageConfig | None = None, columns: list[str] | None = None) -> pa.Table:
     """Reads a Parquet file or directory of files into one table."""
     fs, _ = filesystem(uri, storage)

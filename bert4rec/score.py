@@ -8,6 +8,9 @@ Pipeline (Ray Data, streaming):
     -> map_batches(Scorer, actor pool)   model + top-k with seen/excluded items removed
     -> write_parquet(<out>/_staging/<run_id>)
 then: verify one row per distinct input user -> move into <out> -> write <out>/_SUCCESS.
+The driver checks the user ids of a table of up to DRIVER_CHECK_MAX_USERS users itself; a
+larger table's are checked by a hash shuffle on the cluster (``check_users_on_cluster``), so
+that the driver's memory does not grow with the table.
 
 Pure pieces (``featurize``, ``score_batch``) are plain functions; ``Scorer`` is the thin
 actor that loads the checkpoint once and calls them.
@@ -17,10 +20,12 @@ from __future__ import annotations
 
 import ctypes
 import datetime as dt
+import math
 import os
 import socket
 import time
 import uuid
+from typing import NamedTuple
 
 import numpy as np
 import pyarrow as pa
@@ -31,7 +36,7 @@ from bert4rec import checkpoint as ckpt_lib
 from bert4rec import cluster
 from bert4rec import console, data, locks, publish
 from bert4rec.config import ScoreConfig, StorageConfig
-from bert4rec.io import InputError, arrow_filesystem, filesystem, join, parquet_schema, read_parquet
+from bert4rec.io import InputError, arrow_filesystem, filesystem, join, parquet_rows, parquet_schema, read_parquet
 from bert4rec.model import BERT4Rec
 from bert4rec.ranking import chunked_topk, topk_excluding
 
@@ -271,11 +276,85 @@ except (OSError, AttributeError):
     _LIBC = None
 
 
+def user_side(batch: pa.Table, side: int) -> pa.Table:
+    """A block of input histories (side 0) or of staged output rows (side 1) -> the columns
+    that :func:`user_check_rows` compares: user_id, side, and the output's fallback and
+    unknown_items counts (false and 0 on the input side)."""
+    n = batch.num_rows
+    return pa.table(
+        {
+            "user_id": batch["user_id"].cast(pa.int64()),
+            "side": pa.array(np.full(n, side, np.int8)),
+            "fallback": batch["fallback"] if "fallback" in batch.column_names else pa.array(np.zeros(n, bool)),
+            "unknown_items": batch["unknown_items"].cast(pa.int64()) if "unknown_items" in batch.column_names else pa.array(np.zeros(n, np.int64)),
+        }
+    )
+
+
+def user_check_rows(batch: pa.Table) -> pa.Table:
+    """One hash partition of :func:`user_side` rows (every row of a user_id in the same
+    partition) -> one row of counts: input rows, null and duplicated input ids, output rows,
+    input users the output lacks, output rows beyond one per input user (null ids, ids the
+    input lacks, repeats), the output's fallback users and unknown items, and the smallest id
+    of each problem (-1: none)."""
+    on_in, on_out = pc.equal(batch["side"], 0), pc.equal(batch["side"], 1)
+    null = pc.is_null(batch["user_id"])
+    nulls_in = int(pc.sum(pc.and_(null, on_in)).as_py() or 0)
+    nulls_out = int(pc.sum(pc.and_(null, on_out)).as_py() or 0)
+    uid = batch["user_id"].fill_null(0).to_numpy()
+    keep = ~null.to_numpy(zero_copy_only=False)
+    side = batch["side"].to_numpy()
+    inp, out = np.sort(uid[keep & (side == 0)]), np.sort(uid[keep & (side == 1)])
+    dup_in = np.unique(inp[1:][inp[1:] == inp[:-1]])
+    missing = np.setdiff1d(inp, out)
+    unexpected, repeats = np.setdiff1d(out, inp), out[1:][out[1:] == out[:-1]]
+
+    def first(a: np.ndarray) -> int:
+        return int(a.min()) if len(a) else -1
+
+    return pa.table(
+        {
+            "input_rows": [len(inp) + nulls_in],
+            "null_users": [nulls_in],
+            "duplicated": [len(dup_in)],
+            "first_duplicated": [first(dup_in)],
+            "output_rows": [len(out) + nulls_out],
+            "missing": [len(missing)],
+            "first_missing": [first(missing)],
+            "extra": [len(unexpected) + len(repeats) + nulls_out],
+            "first_extra": [first(np.union1d(unexpected, repeats))],
+            "fallback_users": [int(pc.sum(pc.filter(batch["fallback"], on_out)).as_py() or 0)],
+            "unknown_items": [int(pc.sum(pc.filter(batch["unknown_items"], on_out)).as_py() or 0)],
+        },
+        schema=USER_CHECK_SCHEMA,
+    )
+
+
+USER_CHECK_SCHEMA = pa.schema(
+    [(name, pa.int64()) for name in ("input_rows", "null_users", "duplicated", "first_duplicated", "output_rows", "missing", "first_missing", "extra", "first_extra", "fallback_users", "unknown_items")]
+)
+
+
 # ---------------------------------------------------------------- driver
 
+# Up to this many input users the driver checks their ids itself (8 bytes a user, in
+# milliseconds); above it a hash shuffle on the cluster does, so that the driver's memory
+# does not grow with the table (check_users_on_cluster).
+DRIVER_CHECK_MAX_USERS = 1_000_000
+# users per partition of that shuffle: ~30 bytes a row from each side, ~120 MB a partition
+USERS_PER_CHECK_PARTITION = 2_000_000
 
-def check_histories(uri: str, storage: StorageConfig) -> tuple[np.ndarray, bool]:
-    """Schema and user_id checks before anything runs: (sorted distinct users, has ratings)."""
+
+class HistoriesCheck(NamedTuple):
+    users: int  # rows, from the Parquet footers
+    ids: np.ndarray | None  # the sorted distinct user ids when the driver checked them; None: too many, the cluster checks
+    has_ratings: bool
+
+
+def check_histories(uri: str, storage: StorageConfig, max_driver_users: int | None = None) -> HistoriesCheck:
+    """Schema checks, and the user_id checks (no nulls, one row per user) of a table of at
+    most ``max_driver_users`` (default ``DRIVER_CHECK_MAX_USERS``), before anything runs.
+    A larger table's users are left to :func:`check_users_on_cluster`."""
     schema = parquet_schema(uri, storage)
     for name, ok, expected in (
         ("user_id", lambda t: pa.types.is_integer(t), "an integer"),
@@ -285,6 +364,9 @@ def check_histories(uri: str, storage: StorageConfig) -> tuple[np.ndarray, bool]
             raise InputError(f"--histories {uri}: missing column {name!r}; expected user_id and item_ids (a list in time order), found {schema.names}")
         if not ok(schema.field(name).type):
             raise InputError(f"--histories {uri}: column {name!r} must be {expected}, found {schema.field(name).type}")
+    rows, has_ratings = parquet_rows(uri, storage), "ratings" in schema.names
+    if rows > (DRIVER_CHECK_MAX_USERS if max_driver_users is None else max_driver_users):
+        return HistoriesCheck(rows, None, has_ratings)
     users = read_parquet(uri, storage, columns=["user_id"])["user_id"]
     if users.null_count:
         row = int(pc.index(pc.is_null(users), True).as_py())
@@ -292,8 +374,48 @@ def check_histories(uri: str, storage: StorageConfig) -> tuple[np.ndarray, bool]
     u = np.sort(users.to_numpy())
     dup = u[1:][u[1:] == u[:-1]]
     if len(dup):
-        raise InputError(f"--histories {uri}: {len(np.unique(dup))} duplicated user_id value(s), e.g. {int(dup[0])}; expected one row per user")
-    return u, "ratings" in schema.names
+        raise InputError(duplicates_error(uri, len(np.unique(dup)), int(dup[0])))
+    return HistoriesCheck(rows, u, has_ratings)
+
+
+def duplicates_error(uri: str, duplicated: int, example: int) -> str:
+    return f"--histories {uri}: {duplicated} duplicated user_id value(s), e.g. {example}; expected one row per user"
+
+
+def output_check_error(rows: int, users: int, missing: int, extra: int) -> str:
+    return f"output check failed: {rows} rows for {users} input users ({missing} missing, {extra} duplicated or unknown); nothing published"
+
+
+def check_users_on_cluster(histories: str, storage: StorageConfig, users: int, staging: str | None = None) -> dict[str, int]:
+    """The user checks for tables too large for the driver, as a Ray Data hash shuffle on
+    user_id: the input's ids (and, given ``staging``, the scored rows) -> the sums of
+    :func:`user_check_rows` over the partitions, with the smallest example id of each
+    problem. The driver holds one row per partition."""
+    import ray
+    import ray.data
+    from ray.data.context import ShuffleStrategy
+
+    def side(uri: str, n: int, columns: list[str]):
+        fs, path = arrow_filesystem(uri, storage)
+        ds = ray.data.read_parquet(path, filesystem=fs, file_extensions=["parquet"], columns=columns)
+        return ds.map_batches(user_side, batch_format="pyarrow", fn_kwargs={"side": n})
+
+    ds = side(histories, 0, ["user_id"])
+    if staging is not None:
+        ds = ds.union(side(staging, 1, ["user_id", "fallback", "unknown_items"]))
+    n = max(1, math.ceil(users / USERS_PER_CHECK_PARTITION))
+    # a partition must reach user_check_rows whole: no splitting of shuffle outputs
+    ds.context.target_max_block_size = None
+    if n == 1:
+        ds.context.shuffle_strategy = ShuffleStrategy.HASH_SHUFFLE  # starts in ~1 s, not ~10
+    ds = ds.repartition(n, keys=["user_id"]).map_batches(user_check_rows, batch_size=None, batch_format="pyarrow")
+    parts = [t for t in ray.get(ds.to_arrow_refs()) if t.num_rows]
+    rows = pa.concat_tables(parts) if parts else USER_CHECK_SCHEMA.empty_table()
+    sums = {name: int(pc.sum(rows[name]).as_py() or 0) for name in USER_CHECK_SCHEMA.names if not name.startswith("first_")}
+    for name in ("duplicated", "missing", "extra"):
+        found = pc.filter(rows[f"first_{name}"], pc.greater_equal(rows[f"first_{name}"], 0))
+        sums[f"first_{name}"] = int(pc.min(found).as_py()) if len(found) else -1
+    return sums
 
 
 def check_cpu_reservation(cfg: ScoreConfig, cluster_cpus: float) -> None:
@@ -358,7 +480,7 @@ def score(cfg: ScoreConfig, manifest_extra: dict | None = None, scorer_cls: type
     mc = loaded.model.config
     if cfg.k > mc.num_items:
         raise InputError(f"--k {cfg.k} is larger than the catalogue of {mc.num_items} items in {loaded.uri}")
-    users, has_ratings = check_histories(cfg.histories, cfg.storage)
+    hist = check_histories(cfg.histories, cfg.storage)
     vocab_ids = loaded.vocab_ids
     global_exclude, ex_users, ex_tokens = read_exclusions(cfg.exclude, cfg.storage, vocab_ids)
     titles = read_titles(cfg.items, cfg.storage, vocab_ids)
@@ -366,15 +488,21 @@ def score(cfg: ScoreConfig, manifest_extra: dict | None = None, scorer_cls: type
 
     console.ensure_ray()  # the check below needs the cluster's size
     check_cpu_reservation(cfg, ray.cluster_resources().get("CPU", 0.0))
+    if hist.ids is None:
+        found = check_users_on_cluster(cfg.histories, cfg.storage, hist.users)
+        if found["null_users"]:
+            raise InputError(f"--histories {cfg.histories}: {found['null_users']} null user_id value(s)")
+        if found["duplicated"]:
+            raise InputError(duplicates_error(cfg.histories, found["duplicated"], found["first_duplicated"]))
     timings["validate_s"] = time.time() - t0
 
     # one writer per output: a second run of the same --out waits for nothing and fails fast
     owner = f"score {socket.gethostname()}:{os.getpid()} {uuid.uuid4().hex[:8]}"
     with locks.lock(join(cfg.out, "_lock"), owner, cfg.storage):
-        return _score_and_publish(cfg, loaded, users, has_ratings, global_exclude, ex_users, ex_tokens, titles, timings, t0, manifest_extra, scorer_cls)
+        return _score_and_publish(cfg, loaded, hist, global_exclude, ex_users, ex_tokens, titles, timings, t0, manifest_extra, scorer_cls)
 
 
-def _score_and_publish(cfg, loaded, users, has_ratings, global_exclude, ex_users, ex_tokens, titles, timings, t0, manifest_extra, scorer_cls) -> dict:
+def _score_and_publish(cfg, loaded, hist, global_exclude, ex_users, ex_tokens, titles, timings, t0, manifest_extra, scorer_cls) -> dict:
     import ray
     import ray.data
 
@@ -384,7 +512,7 @@ def _score_and_publish(cfg, loaded, users, has_ratings, global_exclude, ex_users
     staging = publish.staging_dir(cfg.out, run_id)
     generated_at = dt.datetime.now(dt.timezone.utc).replace(microsecond=0)
     hist_fs, hist_path = arrow_filesystem(cfg.histories, cfg.storage)
-    columns = ["user_id", "item_ids"] + (["ratings"] if has_ratings and mc.use_ratings else [])
+    columns = ["user_id", "item_ids"] + (["ratings"] if hist.has_ratings and mc.use_ratings else [])
     if data.TRUNCATED_COLUMN in parquet_schema(cfg.histories, cfg.storage).names:
         columns.append(data.TRUNCATED_COLUMN)
     t1 = time.time()
@@ -433,26 +561,27 @@ def _score_and_publish(cfg, loaded, users, has_ratings, global_exclude, ex_users
     )
     out_fs, staging_path = arrow_filesystem(staging, cfg.storage)
     # scoring runs in blocks of batch_size users; consumers would rather read few large files
-    with console.progress("scoring", len(users)):
+    with console.progress("scoring", hist.users):
         ds.write_parquet(staging_path, filesystem=out_fs, min_rows_per_file=cfg.rows_per_file)
     timings["score_s"] = time.time() - t1
 
     t2 = time.time()
-    staged = read_parquet(staging, cfg.storage, columns=["user_id", "fallback", "unknown_items"])
-    out_users = np.sort(staged["user_id"].to_numpy())
-    if len(out_users) != len(users) or not np.array_equal(out_users, users):
-        missing = np.setdiff1d(users, out_users)
-        extra = len(out_users) - len(np.unique(out_users))
+    if hist.ids is not None:
+        staged = read_parquet(staging, cfg.storage, columns=["user_id", "fallback", "unknown_items"])
+        out_users = np.sort(staged["user_id"].to_numpy())
+        found = {
+            "output_rows": len(out_users),
+            "missing": len(np.setdiff1d(hist.ids, out_users)),
+            "extra": len(out_users) - len(np.unique(out_users)) + len(np.setdiff1d(out_users, hist.ids)),
+            "fallback_users": int(pc.sum(staged["fallback"]).as_py() or 0),
+            "unknown_items": int(pc.sum(staged["unknown_items"]).as_py() or 0),
+        }
+    else:
+        found = check_users_on_cluster(cfg.histories, cfg.storage, hist.users, staging)
+    if found["missing"] or found["extra"] or found["output_rows"] != hist.users:
         _discard(staging, cfg.storage)
-        raise RuntimeError(
-            f"output check failed: {len(out_users)} rows for {len(users)} input users "
-            f"({len(missing)} missing, {extra} duplicated); nothing published"
-        )
-    counts = {
-        "input_users": int(len(users)),
-        "fallback_users": int(pc.sum(staged["fallback"]).as_py() or 0),
-        "unknown_items": int(pc.sum(staged["unknown_items"]).as_py() or 0),
-    }
+        raise RuntimeError(output_check_error(found["output_rows"], hist.users, found["missing"], found["extra"]))
+    counts = {"input_users": hist.users, "fallback_users": found["fallback_users"], "unknown_items": found["unknown_items"]}
     timings["verify_s"] = time.time() - t2
     timings["total_s"] = time.time() - t0
     manifest = publish.publish(

@@ -105,8 +105,51 @@ def test_a_run_failing_its_output_check_publishes_nothing(crashed_once, trained_
 
     monkeypatch.setattr(score_mod, "read_parquet", lose_a_row)
     cfg = ScoreConfig(checkpoint=trained_run["out"], histories=synthetic_data["histories"], out=out, k=K, batch_size=128)
-    with pytest.raises(RuntimeError, match=r"1 missing, 0 duplicated\); nothing published"):
+    with pytest.raises(RuntimeError, match=r"1 missing, 0 duplicated or unknown\); nothing published"):
         score(cfg)
     assert snapshot(out) == before  # the staged files were discarded too
     assert not os.path.exists(os.path.join(out, "_staging")) or not os.listdir(os.path.join(out, "_staging"))
     assert np.array_equal(np.sort(read_table(out)["user_id"].to_numpy()), np.sort(read_parquet(synthetic_data["histories"])["user_id"].to_numpy()))
+
+
+def drops_a_user(marker: str) -> type[Scorer]:
+    """A scorer that leaves the first user of one batch out of its output, once for the
+    whole run (``marker`` is created first), as a lost row would look."""
+
+    class DropsAUser(Scorer):
+        def __call__(self, batch: pa.Table) -> pa.Table:
+            rows = super().__call__(batch)
+            if not os.path.exists(marker):
+                open(marker, "w").close()
+                return rows.slice(1)
+            return rows
+
+    return DropsAUser
+
+
+def test_a_table_too_large_for_the_driver_has_its_users_checked_on_the_cluster(crashed_once, trained_run, synthetic_data, tmp_path, monkeypatch):
+    """Above DRIVER_CHECK_MAX_USERS the driver never reads the user ids: a Ray Data shuffle
+    checks the input and, after scoring, the output against it. Here every table is above."""
+    monkeypatch.setattr(score_mod, "DRIVER_CHECK_MAX_USERS", 0)
+    published = crashed_once["out"]
+    before = snapshot(published)
+    base = dict(checkpoint=trained_run["out"], histories=synthetic_data["histories"], k=K, batch_size=128)
+
+    out = str(tmp_path / "recs")
+    result = score(ScoreConfig(**base, out=out))
+    reference = read_manifest(published)
+    assert result["rows"] == result["input_users"] == reference["input_users"] == 600
+    assert (result["fallback_users"], result["unknown_items"]) == (reference["fallback_users"], reference["unknown_items"])
+    ours, theirs = read_table(out), read_table(published)
+    assert np.array_equal(np.sort(ours["user_id"].to_numpy()), np.sort(theirs["user_id"].to_numpy()))
+
+    dup = _histories_with_duplicate(synthetic_data["histories"], str(tmp_path / "dup.parquet"))
+    duplicated = read_parquet(dup)["user_id"][-1].as_py()
+    with pytest.raises(InputError, match=rf"1 duplicated user_id value\(s\), e.g. {duplicated}; expected one row per user"):
+        score(ScoreConfig(**{**base, "histories": dup}, out=published))
+    assert snapshot(published) == before
+
+    with pytest.raises(RuntimeError, match=r"599 rows for 600 input users \(1 missing, 0 duplicated or unknown\); nothing published"):
+        score(ScoreConfig(**base, out=published), scorer_cls=drops_a_user(str(tmp_path / "dropped")))
+    assert os.path.exists(tmp_path / "dropped")
+    assert snapshot(published) == before

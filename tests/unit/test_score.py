@@ -24,7 +24,7 @@ from bert4rec import data
 from bert4rec.config import ScoreConfig, StorageConfig
 from bert4rec.io import InputError
 from bert4rec.model import BERT4Rec, BERT4RecConfig
-from bert4rec.score import OUTPUT_SCHEMA, Scorer, check_cpu_reservation, check_histories, read_exclusions, read_titles, featurize, score_batch, to_rows
+from bert4rec.score import OUTPUT_SCHEMA, Scorer, check_cpu_reservation, check_histories, featurize, read_exclusions, read_titles, score_batch, to_rows, user_check_rows, user_side
 
 INF = math.inf
 V = 6  # items: tokens 1..6; padding 0; [MASK] 7
@@ -355,8 +355,74 @@ def test_check_histories_rejects_bad_tables(tmp_path, table, message):
 
 def test_check_histories_accepts_a_good_table(tmp_path):
     t = pa.table({"user_id": pa.array([3, 1], pa.int32()), "item_ids": pa.array([[1], [2]], pa.list_(pa.int64())), "ratings": pa.array([[1.0], [2.0]])})
-    users, has_ratings = check_histories(_write(tmp_path, "h", t), StorageConfig())
-    assert users.tolist() == [1, 3] and has_ratings
+    checked = check_histories(_write(tmp_path, "h", t), StorageConfig())
+    assert checked.users == 2 and checked.ids.tolist() == [1, 3] and checked.has_ratings
+
+
+def test_check_histories_leaves_a_large_table_s_users_to_the_cluster(tmp_path):
+    # duplicated ids, but more rows than the driver checks: only the schema is checked here
+    t = pa.table({"user_id": pa.array([4, 2, 4], pa.int64()), "item_ids": pa.array([[1], [2], [3]], pa.list_(pa.int64()))})
+    checked = check_histories(_write(tmp_path, "h", t), StorageConfig(), max_driver_users=2)
+    assert (checked.users, checked.ids, checked.has_ratings) == (3, None, False)
+    with pytest.raises(InputError, match="1 duplicated user_id.*e.g. 4"):
+        check_histories(_write(tmp_path, "h", t), StorageConfig(), max_driver_users=3)
+
+
+def _sides(inputs, outputs, fallback=None, unknown=None):
+    n_out = len(outputs)
+    return pa.concat_tables(
+        [
+            user_side(pa.table({"user_id": pa.array(inputs, pa.int64())}), 0),
+            user_side(
+                pa.table(
+                    {
+                        "user_id": pa.array(outputs, pa.int64()),
+                        "fallback": pa.array(fallback or [False] * n_out),
+                        "unknown_items": pa.array(unknown or [0] * n_out, pa.int32()),
+                    }
+                ),
+                1,
+            ),
+        ]
+    )
+
+
+def test_a_partition_whose_output_matches_its_input_counts_no_problem():
+    row = user_check_rows(_sides([5, 3, 9], [9, 5, 3], fallback=[True, False, True], unknown=[2, 0, 1])).to_pylist()
+    assert row == [
+        {
+            "input_rows": 3,
+            "null_users": 0,
+            "duplicated": 0,
+            "first_duplicated": -1,
+            "output_rows": 3,
+            "missing": 0,
+            "first_missing": -1,
+            "extra": 0,
+            "first_extra": -1,
+            "fallback_users": 2,
+            "unknown_items": 3,
+        }
+    ]
+
+
+def test_a_partition_counts_each_kind_of_problem_with_its_smallest_id():
+    # input: 7 twice and a null; output: 3 missing, 8 twice, 11 unknown, a null
+    t = _sides([7, 3, 7, 8, None, 1], [1, 8, 8, 11, None, 7])
+    row = user_check_rows(t).to_pylist()[0]
+    assert row == {
+        "input_rows": 6,
+        "null_users": 1,
+        "duplicated": 1,
+        "first_duplicated": 7,
+        "output_rows": 6,
+        "missing": 1,
+        "first_missing": 3,
+        "extra": 3,  # the second 8, 11 and the null
+        "first_extra": 8,
+        "fallback_users": 0,
+        "unknown_items": 0,
+    }
 
 
 def test_length_grouped_sub_batches_give_the_same_top_k():
