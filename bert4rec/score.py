@@ -567,15 +567,9 @@ def _score_and_publish(cfg, loaded, hist, global_exclude, ex_users, ex_tokens, t
 
     t2 = time.time()
     if hist.ids is not None:
+        # the cluster's per-partition comparison, on the whole table at once
         staged = read_parquet(staging, cfg.storage, columns=["user_id", "fallback", "unknown_items"])
-        out_users = np.sort(staged["user_id"].to_numpy())
-        found = {
-            "output_rows": len(out_users),
-            "missing": len(np.setdiff1d(hist.ids, out_users)),
-            "extra": len(out_users) - len(np.unique(out_users)) + len(np.setdiff1d(out_users, hist.ids)),
-            "fallback_users": int(pc.sum(staged["fallback"]).as_py() or 0),
-            "unknown_items": int(pc.sum(staged["unknown_items"]).as_py() or 0),
-        }
+        found = user_check_rows(pa.concat_tables([user_side(pa.table({"user_id": hist.ids}), 0), user_side(staged, 1)])).to_pylist()[0]
     else:
         found = check_users_on_cluster(cfg.histories, cfg.storage, hist.users, staging)
     if found["missing"] or found["extra"] or found["output_rows"] != hist.users:
