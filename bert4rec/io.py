@@ -36,6 +36,21 @@ class InputError(ValueError):
         return self.message
 
 
+def input_error_in(e: BaseException | None) -> InputError | None:
+    """The InputError behind ``e``, where a Ray task raised one (Ray wraps it in a
+    RayTaskError, Ray Data in its own exceptions), as a fresh one-line InputError; else None."""
+    seen = set()
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        cause = getattr(e, "cause", None)  # a RayTaskError's original exception
+        if isinstance(cause, InputError):
+            return InputError(str(cause))
+        if isinstance(e, InputError):
+            return InputError(str(e))
+        e = cause if isinstance(cause, BaseException) else (e.__cause__ or e.__context__)
+    return None
+
+
 def is_s3(uri: str) -> bool:
     return uri.startswith(("s3://", "s3a://"))
 

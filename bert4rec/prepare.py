@@ -35,7 +35,7 @@ import pyarrow.csv as pacsv
 from bert4rec import data
 from bert4rec import cluster, console
 from bert4rec.config import PrepareConfig, StorageConfig
-from bert4rec.io import InputError, arrow_filesystem, exists, filesystem, fs_path, is_s3, join, move_tree, parquet_files, read_json, read_parquet, storage_call, write_json, write_parquet
+from bert4rec.io import InputError, arrow_filesystem, exists, filesystem, fs_path, input_error_in, is_s3, join, move_tree, parquet_files, read_json, read_parquet, storage_call, write_json, write_parquet
 
 # several files even for mid-sized tables: Ray Data reads a file as one block, so files are
 # what lets several scoring actors share the work
@@ -286,20 +286,7 @@ def prepare(cfg: PrepareConfig) -> dict:
         return _prepare(cfg)
     except Exception as e:
         # a bad file found inside a Ray task still reaches the user as one line
-        raise _input_error(e) or e
-
-
-def _input_error(e: BaseException | None) -> InputError | None:
-    seen = set()
-    while e is not None and id(e) not in seen:
-        seen.add(id(e))
-        cause = getattr(e, "cause", None)  # a RayTaskError's original exception
-        if isinstance(cause, InputError):
-            return InputError(str(cause))
-        if isinstance(e, InputError):
-            return InputError(str(e))
-        e = getattr(e, "cause", None) if isinstance(getattr(e, "cause", None), BaseException) else (e.__cause__ or e.__context__)
-    return None
+        raise input_error_in(e) or e
 
 
 def _prepare(cfg: PrepareConfig) -> dict:

@@ -4,6 +4,7 @@
 
 Pipeline (Ray Data, streaming):
     read_parquet(histories)
+    [-> hash shuffle on user_id with a per-user --exclude too large for the driver]
     -> map_batches(featurize)            CPU tasks: ids -> tokens, truncate, append [MASK]
     -> map_batches(Scorer, actor pool)   model + top-k with seen/excluded items removed
     -> write_parquet(<out>/_staging/<run_id>)
@@ -25,18 +26,19 @@ import os
 import socket
 import time
 import uuid
-from typing import NamedTuple
+from typing import Iterator, NamedTuple
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.parquet as pq
 import torch
 
 from bert4rec import checkpoint as ckpt_lib
 from bert4rec import cluster
 from bert4rec import console, data, locks, publish
 from bert4rec.config import ScoreConfig, StorageConfig
-from bert4rec.io import InputError, arrow_filesystem, filesystem, join, parquet_rows, parquet_schema, read_parquet
+from bert4rec.io import InputError, arrow_filesystem, filesystem, input_error_in, join, parquet_files, parquet_rows, parquet_schema, read_parquet
 from bert4rec.model import BERT4Rec
 from bert4rec.ranking import chunked_topk, topk_excluding
 
@@ -70,11 +72,18 @@ def featurize(
     Returns columns ``user_id``, ``tokens`` (fixed-size lists of max_len), ``ratings`` (the
     same, when used), ``seen`` (list: every known token of the history plus the user's own
     excluded tokens) and ``unknown`` (the count of dropped ids).
-    ``exclude_users``/``exclude_tokens``: per-user exclusions sorted by user. Items that
+    A user's own exclusions come from ``exclude_users``/``exclude_tokens`` (sorted by user, as
+    the driver reads a small --exclude table) or from the batch's ``excluded_item_ids`` list
+    column (item ids, as :func:`attach_exclusions` joins a large one). Items that
     ``prepare --max-len`` cut from a history (``truncated_item_ids``, when present) are seen too.
     """
     flat, offsets = data.list_column(batch, "item_ids")
     tokens, known = data.to_tokens(flat, vocab_ids)
+    joined = None
+    if EXCLUDED_COLUMN in batch.column_names:
+        xflat, xoffsets = data.list_column(batch, EXCLUDED_COLUMN)
+        xtokens, xknown = data.to_tokens(xflat, vocab_ids)
+        joined = [t[k] for t, k in zip(np.split(xtokens, xoffsets[1:-1]), np.split(xknown, xoffsets[1:-1]))]
     earlier = None
     if data.TRUNCATED_COLUMN in batch.column_names:
         tflat, toffsets = data.list_column(batch, data.TRUNCATED_COLUMN)
@@ -98,7 +107,9 @@ def featurize(
         if levels is not None:
             rseqs.append(levels[sl][k])
         extra = np.zeros(0, np.int64)
-        if exclude_users is not None and len(exclude_users):
+        if joined is not None:
+            extra = joined[i]
+        elif exclude_users is not None and len(exclude_users):
             lo, hi = np.searchsorted(exclude_users, users[i], "left"), np.searchsorted(exclude_users, users[i], "right")
             extra = exclude_tokens[lo:hi]
         seen.append(np.r_[s, extra] if earlier is None else np.r_[s, extra, earlier[i][earlier[i] > 0]])
@@ -335,6 +346,50 @@ USER_CHECK_SCHEMA = pa.schema(
 )
 
 
+EXCLUDED_COLUMN = "excluded_item_ids"  # a user's own --exclude item ids, joined on the cluster
+
+
+def history_side(batch: pa.Table) -> pa.Table:
+    """A block of histories -> the rows :func:`attach_exclusions` takes: the same columns
+    plus ``side`` 0 and a null ``excluded`` item id."""
+    n = batch.num_rows
+    return batch.append_column("side", pa.array(np.zeros(n, np.int8))).append_column("excluded", pa.nulls(n, pa.int64()))
+
+
+def exclusion_side(batch: pa.Table, uri: str, storage: StorageConfig, columns: pa.Schema) -> Iterator[pa.Table]:
+    """One --exclude file (``batch``: one row, its ``path``) -> rows shaped like
+    :func:`history_side`'s (``columns``: the histories' columns, here all null) with ``side`` 1
+    and the ``excluded`` item id. A null id is an InputError naming the file and its row."""
+    fs, _ = filesystem(uri, storage)
+    path = batch["path"][0].as_py()
+    first = 0
+    with fs.open(path, "rb") as handle:
+        for rb in pq.ParquetFile(handle).iter_batches(batch_size=1 << 20, columns=["user_id", "item_id"]):
+            for name in ("user_id", "item_id"):
+                if rb[name].null_count:
+                    row = first + int(pc.index(pc.is_null(rb[name]), True).as_py())
+                    raise InputError(f"--exclude {path}: column {name!r} has a null value at row {row}; expected integer ids")
+            n = rb.num_rows
+            rows = {field.name: pa.nulls(n, field.type) for field in columns}
+            rows["user_id"] = rb["user_id"].cast(columns.field("user_id").type)
+            rows["side"] = pa.array(np.ones(n, np.int8))
+            rows["excluded"] = rb["item_id"].cast(pa.int64())
+            first += n
+            yield pa.table(rows)
+
+
+def attach_exclusions(part: pa.Table) -> pa.Table:
+    """One hash partition on user_id of :func:`history_side` and :func:`exclusion_side` rows
+    -> its histories, each with the list of its user's excluded item ids (``excluded_item_ids``,
+    null for none). Exclusions of users the histories lack are dropped."""
+    on_hist = pc.equal(part["side"], 0)
+    hist = part.filter(on_hist).drop_columns(["side", "excluded"])
+    ex = part.filter(pc.invert(on_hist)).select(["user_id", "excluded"])
+    grouped = ex.group_by("user_id", use_threads=False).aggregate([("excluded", "list")])
+    lists = grouped["excluded_list"].take(pc.index_in(hist["user_id"], value_set=grouped["user_id"]))
+    return hist.append_column(EXCLUDED_COLUMN, lists.cast(pa.list_(pa.int64())))
+
+
 # ---------------------------------------------------------------- driver
 
 # Up to this many input users the driver checks their ids itself (8 bytes a user, in
@@ -343,12 +398,22 @@ USER_CHECK_SCHEMA = pa.schema(
 DRIVER_CHECK_MAX_USERS = 1_000_000
 # users per partition of that shuffle: ~30 bytes a row from each side, ~120 MB a partition
 USERS_PER_CHECK_PARTITION = 2_000_000
+# Up to this many rows of per-user --exclude the driver reads them (16 bytes a row) and every
+# featurize task gets a copy; a larger table joins the histories on the cluster, a hash shuffle
+# on user_id of both (join_exclusions_on_cluster).
+DRIVER_EXCLUDE_MAX_ROWS = 1_000_000
+# histories per partition of that shuffle: ~1 KB a user at length 200, ~200 MB a partition
+USERS_PER_EXCLUDE_PARTITION = 200_000
 
 
 class HistoriesCheck(NamedTuple):
     users: int  # rows, from the Parquet footers
     ids: np.ndarray | None  # the sorted distinct user ids when the driver checked them; None: too many, the cluster checks
-    has_ratings: bool
+    schema: pa.Schema
+
+    @property
+    def has_ratings(self) -> bool:
+        return "ratings" in self.schema.names
 
 
 def check_histories(uri: str, storage: StorageConfig, max_driver_users: int | None = None) -> HistoriesCheck:
@@ -364,9 +429,9 @@ def check_histories(uri: str, storage: StorageConfig, max_driver_users: int | No
             raise InputError(f"--histories {uri}: missing column {name!r}; expected user_id and item_ids (a list in time order), found {schema.names}")
         if not ok(schema.field(name).type):
             raise InputError(f"--histories {uri}: column {name!r} must be {expected}, found {schema.field(name).type}")
-    rows, has_ratings = parquet_rows(uri, storage), "ratings" in schema.names
+    rows = parquet_rows(uri, storage)
     if rows > (DRIVER_CHECK_MAX_USERS if max_driver_users is None else max_driver_users):
-        return HistoriesCheck(rows, None, has_ratings)
+        return HistoriesCheck(rows, None, schema)
     users = read_parquet(uri, storage, columns=["user_id"])["user_id"]
     if users.null_count:
         row = int(pc.index(pc.is_null(users), True).as_py())
@@ -375,7 +440,7 @@ def check_histories(uri: str, storage: StorageConfig, max_driver_users: int | No
     dup = u[1:][u[1:] == u[:-1]]
     if len(dup):
         raise InputError(duplicates_error(uri, len(np.unique(dup)), int(dup[0])))
-    return HistoriesCheck(rows, u, has_ratings)
+    return HistoriesCheck(rows, u, schema)
 
 
 def duplicates_error(uri: str, duplicated: int, example: int) -> str:
@@ -431,27 +496,56 @@ def check_cpu_reservation(cfg: ScoreConfig, cluster_cpus: float) -> None:
         )
 
 
-def read_exclusions(uri: str | None, storage: StorageConfig, vocab_ids: np.ndarray):
-    """--exclude -> (global tokens, per-user users sorted, per-user tokens)."""
+class Exclusions(NamedTuple):
+    global_tokens: np.ndarray  # tokens nobody is recommended
+    users: np.ndarray | None  # per-user exclusions read by the driver: users, sorted ...
+    tokens: np.ndarray | None  # ... and their tokens
+    files: list[str] | None  # per-user exclusions too many for the driver: their files, joined on the cluster
+
+
+def read_exclusions(uri: str | None, storage: StorageConfig, vocab_ids: np.ndarray, max_driver_rows: int | None = None) -> Exclusions:
+    """--exclude -> the global tokens, or the per-user ones (sorted by user) of a table of at
+    most ``max_driver_rows`` rows (default ``DRIVER_EXCLUDE_MAX_ROWS``). A larger per-user
+    table is left to the cluster: only its schema and row count are read here."""
     empty = np.zeros(0, np.int64)
     if uri is None:
-        return empty, None, None
-    t = read_parquet(uri, storage)
+        return Exclusions(empty, None, None, None)
+    schema = parquet_schema(uri, storage)
     for name in ("item_id", "user_id"):
-        if name == "user_id" and name not in t.column_names:
+        if name == "user_id" and name not in schema.names:
             continue
-        if name not in t.column_names or not pa.types.is_integer(t.schema.field(name).type):
-            found = t.schema.field(name).type if name in t.column_names else "no such column"
+        if name not in schema.names or not pa.types.is_integer(schema.field(name).type):
+            found = schema.field(name).type if name in schema.names else "no such column"
             raise InputError(f"--exclude {uri}: column {name!r} must be integer ids (item_id, optionally with user_id), found {found}")
+    per_user = "user_id" in schema.names
+    if per_user and parquet_rows(uri, storage) > (DRIVER_EXCLUDE_MAX_ROWS if max_driver_rows is None else max_driver_rows):
+        return Exclusions(empty, None, None, parquet_files(uri, storage))
+    t = read_parquet(uri, storage, columns=["user_id", "item_id"] if per_user else ["item_id"])
+    for name in t.column_names:
         if t[name].null_count:
             row = int(pc.index(pc.is_null(t[name]), True).as_py())
             raise InputError(f"--exclude {uri}: column {name!r} has {t[name].null_count} null value(s), first at row {row}")
     tokens, known = data.to_tokens(t["item_id"].to_numpy(zero_copy_only=False), vocab_ids)
-    if "user_id" not in t.column_names:
-        return np.unique(tokens[known]), None, None
+    if not per_user:
+        return Exclusions(np.unique(tokens[known]), None, None, None)
     users = t["user_id"].to_numpy(zero_copy_only=False)[known]
     order = np.argsort(users, kind="stable")
-    return empty, users[order], tokens[known][order]
+    return Exclusions(empty, users[order], tokens[known][order], None)
+
+
+def join_exclusions_on_cluster(ds, exclude: str, files: list[str], storage: StorageConfig, columns: pa.Schema, users: int):
+    """Histories ``ds`` (``columns``) -> the same rows, each with its user's excluded item ids
+    (:func:`attach_exclusions`), by a Ray Data hash shuffle on user_id of the histories and
+    the per-user --exclude ``files`` read in tasks. The driver holds neither table."""
+    import ray.data
+
+    ex = ray.data.from_items([{"path": f} for f in files], override_num_blocks=len(files)).map_batches(
+        exclusion_side, batch_size=1, batch_format="pyarrow", fn_kwargs={"uri": exclude, "storage": storage, "columns": columns}
+    )
+    both = ds.map_batches(history_side, batch_format="pyarrow").union(ex)
+    both.context.target_max_block_size = None  # a partition must reach attach_exclusions whole
+    n = max(1, math.ceil(users / USERS_PER_EXCLUDE_PARTITION))
+    return both.repartition(n, keys=["user_id"]).map_batches(attach_exclusions, batch_size=None, batch_format="pyarrow")
 
 
 def read_titles(uri: str | None, storage: StorageConfig, vocab_ids: np.ndarray) -> np.ndarray | None:
@@ -482,7 +576,7 @@ def score(cfg: ScoreConfig, manifest_extra: dict | None = None, scorer_cls: type
         raise InputError(f"--k {cfg.k} is larger than the catalogue of {mc.num_items} items in {loaded.uri}")
     hist = check_histories(cfg.histories, cfg.storage)
     vocab_ids = loaded.vocab_ids
-    global_exclude, ex_users, ex_tokens = read_exclusions(cfg.exclude, cfg.storage, vocab_ids)
+    exclusions = read_exclusions(cfg.exclude, cfg.storage, vocab_ids)
     titles = read_titles(cfg.items, cfg.storage, vocab_ids)
     import ray
 
@@ -499,10 +593,10 @@ def score(cfg: ScoreConfig, manifest_extra: dict | None = None, scorer_cls: type
     # one writer per output: a second run of the same --out waits for nothing and fails fast
     owner = f"score {socket.gethostname()}:{os.getpid()} {uuid.uuid4().hex[:8]}"
     with locks.lock(join(cfg.out, "_lock"), owner, cfg.storage):
-        return _score_and_publish(cfg, loaded, hist, global_exclude, ex_users, ex_tokens, titles, timings, t0, manifest_extra, scorer_cls)
+        return _score_and_publish(cfg, loaded, hist, exclusions, titles, timings, t0, manifest_extra, scorer_cls)
 
 
-def _score_and_publish(cfg, loaded, hist, global_exclude, ex_users, ex_tokens, titles, timings, t0, manifest_extra, scorer_cls) -> dict:
+def _score_and_publish(cfg, loaded, hist, exclusions, titles, timings, t0, manifest_extra, scorer_cls) -> dict:
     import ray
     import ray.data
 
@@ -513,10 +607,12 @@ def _score_and_publish(cfg, loaded, hist, global_exclude, ex_users, ex_tokens, t
     generated_at = dt.datetime.now(dt.timezone.utc).replace(microsecond=0)
     hist_fs, hist_path = arrow_filesystem(cfg.histories, cfg.storage)
     columns = ["user_id", "item_ids"] + (["ratings"] if hist.has_ratings and mc.use_ratings else [])
-    if data.TRUNCATED_COLUMN in parquet_schema(cfg.histories, cfg.storage).names:
+    if data.TRUNCATED_COLUMN in hist.schema.names:
         columns.append(data.TRUNCATED_COLUMN)
     t1 = time.time()
     ds = ray.data.read_parquet(hist_path, filesystem=hist_fs, file_extensions=["parquet"]).select_columns(columns)
+    if exclusions.files is not None:
+        ds = join_exclusions_on_cluster(ds, cfg.exclude, exclusions.files, cfg.storage, pa.schema([hist.schema.field(c) for c in columns]), hist.users)
     # The reader packs whole files into blocks of up to 128 MiB (all of a small table in one).
     # Batch-sized blocks let every actor take a share and keep the last one from running alone.
     ds = ds.repartition(target_num_rows_per_block=cfg.batch_size)
@@ -533,8 +629,8 @@ def _score_and_publish(cfg, loaded, hist, global_exclude, ex_users, ex_tokens, t
             "max_len": mc.max_len,
             "mask_token": mc.mask_token,
             "use_ratings": mc.use_ratings,
-            "exclude_users": ex_users,
-            "exclude_tokens": ex_tokens,
+            "exclude_users": exclusions.users,
+            "exclude_tokens": exclusions.tokens,
         },
     )
     ds = ds.map_batches(
@@ -545,7 +641,7 @@ def _score_and_publish(cfg, loaded, hist, global_exclude, ex_users, ex_tokens, t
             "k": cfg.k,
             "item_chunk_size": cfg.item_chunk_size,
             "use_gpu": cfg.gpu,
-            "global_exclude": global_exclude,
+            "global_exclude": exclusions.global_tokens,
             "titles": titles,
             "generated_at": generated_at,
             "threads": cfg.threads_per_actor,
@@ -561,8 +657,13 @@ def _score_and_publish(cfg, loaded, hist, global_exclude, ex_users, ex_tokens, t
     )
     out_fs, staging_path = arrow_filesystem(staging, cfg.storage)
     # scoring runs in blocks of batch_size users; consumers would rather read few large files
+    # a bad --exclude row found in a task reaches the user as our one-line InputError
+    ds.context.raise_original_map_exception = True
     with console.progress("scoring", hist.users):
-        ds.write_parquet(staging_path, filesystem=out_fs, min_rows_per_file=cfg.rows_per_file)
+        try:
+            ds.write_parquet(staging_path, filesystem=out_fs, min_rows_per_file=cfg.rows_per_file)
+        except Exception as e:
+            raise input_error_in(e) or e
     timings["score_s"] = time.time() - t1
 
     t2 = time.time()

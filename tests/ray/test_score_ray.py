@@ -19,6 +19,8 @@ from bert4rec import checkpoint, data
 from bert4rec.config import ScoreConfig
 from bert4rec.io import read_parquet
 from bert4rec.publish import read_manifest, read_table
+from bert4rec import score as score_mod
+from bert4rec.io import InputError
 from bert4rec.score import OUTPUT_SCHEMA, score
 
 pytestmark = pytest.mark.ray
@@ -153,7 +155,13 @@ def test_rerun_replaces_the_table_whole(base, trained_run, synthetic_data, histo
     assert affected > 0
 
 
-def test_per_user_exclusions_titles_unknown_items_and_fallback(base, trained_run, histories, loaded, tmp_path_factory):
+@pytest.mark.parametrize("joined_on", ["driver", "cluster"])
+def test_per_user_exclusions_titles_unknown_items_and_fallback(base, trained_run, histories, loaded, tmp_path_factory, monkeypatch, joined_on):
+    """The same run twice: with the --exclude table read by the driver, and as a table too
+    large for it (DRIVER_EXCLUDE_MAX_ROWS = 0), in two files joined to the histories on the
+    cluster. Both publish the same rows."""
+    if joined_on == "cluster":
+        monkeypatch.setattr(score_mod, "DRIVER_EXCLUDE_MAX_ROWS", 0)
     root = tmp_path_factory.mktemp("score_extra")
     vocab_ids = loaded.vocab_ids
     by_pop = loaded.vocab.sort_by([("count", "descending"), ("item_id", "ascending")])
@@ -173,8 +181,11 @@ def test_per_user_exclusions_titles_unknown_items_and_fallback(base, trained_run
     users = histories["user_id"].to_pylist()[:3]
     ex_users = users + [new_user, users[0]]
     ex_items = [old[u]["item_ids"][0] for u in users] + [popular[0], 10**9]  # 10**9: unknown, ignored
-    exclude = str(root / "per_user.parquet")
-    pq.write_table(pa.table({"user_id": pa.array(ex_users, pa.int64()), "item_id": pa.array(ex_items, pa.int64())}), exclude)
+    exclusions = pa.table({"user_id": pa.array(ex_users, pa.int64()), "item_id": pa.array(ex_items, pa.int64())})
+    exclude = str(root / "per_user")
+    os.makedirs(exclude)
+    pq.write_table(exclusions.slice(0, 2), os.path.join(exclude, "part-0.parquet"))
+    pq.write_table(exclusions.slice(2), os.path.join(exclude, "part-1.parquet"))
     items = str(root / "items.parquet")
     titled = [int(i) for i in vocab_ids if i % 7]  # items whose id is a multiple of 7 have no title
     pq.write_table(pa.table({"item_id": pa.array(titled, pa.int64()), "title": [f"title {i}" for i in titled]}), items)
@@ -202,3 +213,11 @@ def test_per_user_exclusions_titles_unknown_items_and_fallback(base, trained_run
     assert (rows[new_user]["unknown_items"], rows[mixed_user]["unknown_items"]) == (3, 2)
     for row in rows.values():
         assert row["titles"] == [None if i % 7 == 0 else f"title {i}" for i in row["item_ids"]]
+
+    if joined_on == "cluster":  # a null id found by the reading task: one line naming file and row, nothing published
+        before = read_manifest(out)
+        bad = os.path.join(exclude, "part-2.parquet")
+        pq.write_table(pa.table({"user_id": pa.array([users[0], None], pa.int64()), "item_id": pa.array([1, 2], pa.int64())}), bad)
+        with pytest.raises(InputError, match=r"^--exclude .*part-2.parquet: column 'user_id' has a null value at row 1; expected integer ids$"):
+            score(ScoreConfig(checkpoint=trained_run["out"], histories=hist_path, out=out, k=K, batch_size=128, exclude=exclude, items=items))
+        assert read_manifest(out) == before

@@ -24,7 +24,23 @@ from bert4rec import data
 from bert4rec.config import ScoreConfig, StorageConfig
 from bert4rec.io import InputError
 from bert4rec.model import BERT4Rec, BERT4RecConfig
-from bert4rec.score import OUTPUT_SCHEMA, Scorer, check_cpu_reservation, check_histories, featurize, read_exclusions, read_titles, score_batch, to_rows, user_check_rows, user_side
+from bert4rec.score import (
+    EXCLUDED_COLUMN,
+    OUTPUT_SCHEMA,
+    Scorer,
+    attach_exclusions,
+    check_cpu_reservation,
+    check_histories,
+    exclusion_side,
+    featurize,
+    history_side,
+    read_exclusions,
+    read_titles,
+    score_batch,
+    to_rows,
+    user_check_rows,
+    user_side,
+)
 
 INF = math.inf
 V = 6  # items: tokens 1..6; padding 0; [MASK] 7
@@ -316,15 +332,78 @@ def _write(tmp_path, name, table):
 
 def test_read_exclusions_global_and_per_user(tmp_path):
     glob = _write(tmp_path, "glob", pa.table({"item_id": pa.array([60, 10, 999, 60], pa.int64())}))
-    g, users, toks = read_exclusions(glob, StorageConfig(), VOCAB_IDS)
-    assert g.tolist() == [1, 6] and users is None and toks is None  # unknown 999 ignored, duplicates harmless
+    g, users, toks, files = read_exclusions(glob, StorageConfig(), VOCAB_IDS)
+    assert g.tolist() == [1, 6] and users is None and toks is None and files is None  # unknown 999 ignored, duplicates harmless
     per_user = _write(tmp_path, "per", pa.table({"user_id": pa.array([5, 2, 5, 2], pa.int64()), "item_id": pa.array([20, 30, 999, 40], pa.int64())}))
-    g, users, toks = read_exclusions(per_user, StorageConfig(), VOCAB_IDS)
-    assert g.tolist() == [] and users.tolist() == [2, 2, 5] and toks.tolist() == [3, 4, 2]
-    assert read_exclusions(None, StorageConfig(), VOCAB_IDS)[1:] == (None, None)
+    g, users, toks, files = read_exclusions(per_user, StorageConfig(), VOCAB_IDS)
+    assert g.tolist() == [] and users.tolist() == [2, 2, 5] and toks.tolist() == [3, 4, 2] and files is None
+    assert read_exclusions(None, StorageConfig(), VOCAB_IDS)[1:] == (None, None, None)
     bad = _write(tmp_path, "bad", pa.table({"item": pa.array([1], pa.int64())}))
     with pytest.raises(InputError, match="--exclude .*'item_id'"):
         read_exclusions(bad, StorageConfig(), VOCAB_IDS)
+    nulls = _write(tmp_path, "nulls", pa.table({"user_id": pa.array([5, None], pa.int64()), "item_id": pa.array([20, 30], pa.int64())}))
+    with pytest.raises(InputError, match=r"--exclude .*: column 'user_id' has 1 null value\(s\), first at row 1"):
+        read_exclusions(nulls, StorageConfig(), VOCAB_IDS)
+
+
+def test_read_exclusions_leaves_a_large_per_user_table_to_the_cluster(tmp_path):
+    """Above max_driver_rows only the schema and the footers are read: no rows, so not the null."""
+    d = tmp_path / "ex"
+    d.mkdir()
+    pq.write_table(pa.table({"user_id": pa.array([5, None], pa.int64()), "item_id": pa.array([20, 30], pa.int64())}), str(d / "b.parquet"))
+    pq.write_table(pa.table({"user_id": pa.array([7], pa.int64()), "item_id": pa.array([40], pa.int64())}), str(d / "a.parquet"))
+    g, users, toks, files = read_exclusions(str(d), StorageConfig(), VOCAB_IDS, max_driver_rows=2)
+    assert g.tolist() == [] and users is None and toks is None
+    assert files == [str(d / "a.parquet"), str(d / "b.parquet")]
+    assert read_exclusions(str(d / "a.parquet"), StorageConfig(), VOCAB_IDS, max_driver_rows=2).files is None
+    # a global list (no user_id) is bounded by the catalogue: always the driver's
+    glob = _write(tmp_path, "glob", pa.table({"item_id": pa.array([60, 10, 60], pa.int64())}))
+    assert read_exclusions(glob, StorageConfig(), VOCAB_IDS, max_driver_rows=0).global_tokens.tolist() == [1, 6]
+
+
+HISTORY_COLUMNS = pa.schema([("user_id", pa.int64()), ("item_ids", pa.list_(pa.int64())), ("ratings", pa.list_(pa.float32()))])
+
+
+def test_exclusion_side_reads_a_file_in_the_histories_shape_and_names_a_null_row(tmp_path):
+    ok = _write(tmp_path, "ok", pa.table({"item_id": pa.array([20, 30, 999], pa.int32()), "user_id": pa.array([5, 2, 5], pa.int32()), "note": ["a", "b", "c"]}))
+    (out,) = list(exclusion_side(pa.table({"path": [ok]}), ok, StorageConfig(), HISTORY_COLUMNS))
+    assert out.schema == history_side(pa.table({"user_id": pa.array([], pa.int64()), "item_ids": pa.array([], pa.list_(pa.int64())), "ratings": pa.array([], pa.list_(pa.float32()))})).schema
+    assert out.to_pydict() == {"user_id": [5, 2, 5], "item_ids": [None] * 3, "ratings": [None] * 3, "side": [1, 1, 1], "excluded": [20, 30, 999]}
+    bad = _write(tmp_path, "bad", pa.table({"user_id": pa.array([5, 2, 5], pa.int64()), "item_id": pa.array([20, 30, None], pa.int64())}))
+    with pytest.raises(InputError, match=r"--exclude .*bad.parquet: column 'item_id' has a null value at row 2; expected integer ids"):
+        list(exclusion_side(pa.table({"path": [bad]}), bad, StorageConfig(), HISTORY_COLUMNS))
+
+
+def test_attach_exclusions_gives_each_history_its_own_list():
+    hist = pa.table(
+        {
+            "user_id": pa.array([3, 1, 2], pa.int64()),
+            "item_ids": pa.array([[10, 20], [30], [40, 50]], pa.list_(pa.int64())),
+            "ratings": pa.array([[4.0, 5.0], [3.0], [1.0, 2.0]], pa.list_(pa.float32())),
+        }
+    )
+    ex = pa.table({"user_id": pa.array([1, 9, 1, 3], pa.int64()), "item_ids": pa.nulls(4, pa.list_(pa.int64())), "ratings": pa.nulls(4, pa.list_(pa.float32())), "side": pa.array([1, 1, 1, 1], pa.int8()), "excluded": pa.array([60, 70, 20, 40], pa.int64())})
+    part = pa.concat_tables([ex.slice(0, 2), history_side(hist), ex.slice(2)])
+    out = attach_exclusions(part)
+    # the histories in their order, untouched; user 9 has no history: dropped; user 2 has no exclusions: null
+    assert out.column_names == ["user_id", "item_ids", "ratings", EXCLUDED_COLUMN]
+    assert out.select(["user_id", "item_ids", "ratings"]).equals(hist)
+    assert out[EXCLUDED_COLUMN].to_pylist() == [[40], [60, 20], None]
+
+
+def test_featurize_takes_a_joined_exclusion_column_as_it_takes_the_sorted_arrays():
+    batch = pa.table(
+        {
+            "user_id": pa.array([3, 1, 2], pa.int64()),
+            "item_ids": pa.array([[10, 99, 20, 30, 40, 50, 60], [60, 5], [99, 98]], pa.list_(pa.int64())),
+        }
+    )
+    by_arrays = featurize(batch, VOCAB_IDS, MAX_LEN, MASK, use_ratings=False, exclude_users=np.array([1, 1, 2]), exclude_tokens=np.array([4, 2, 3]))
+    # item ids, unknown ones (999) dropped, as the driver's read drops them
+    joined = batch.append_column(EXCLUDED_COLUMN, pa.array([None, [40, 999, 20], [30]], pa.list_(pa.int64())))
+    by_column = featurize(joined, VOCAB_IDS, MAX_LEN, MASK, use_ratings=False)
+    assert by_column.equals(by_arrays)
+    assert by_column["seen"].to_pylist() == [[1, 2, 3, 4, 5, 6], [6, 4, 2], [3]]
 
 
 def test_read_titles_aligned_with_tokens(tmp_path):
