@@ -497,16 +497,29 @@ def check_cpu_reservation(cfg: ScoreConfig, cluster_cpus: float) -> None:
 
 
 class Exclusions(NamedTuple):
-    global_tokens: np.ndarray  # tokens nobody is recommended
-    users: np.ndarray | None  # per-user exclusions read by the driver: users, sorted ...
-    tokens: np.ndarray | None  # ... and their tokens
+    """--exclude, as item ids (:func:`read_exclusions`) or as tokens (:meth:`to_tokens`)."""
+
+    global_items: np.ndarray  # what nobody is recommended
+    users: np.ndarray | None  # per-user exclusions read by the driver: users ...
+    items: np.ndarray | None  # ... and their items
     files: list[str] | None  # per-user exclusions too many for the driver: their files, joined on the cluster
 
+    def to_tokens(self, vocab_ids: np.ndarray) -> "Exclusions":
+        """Ids -> tokens, unknown items dropped; global tokens distinct, per-user rows sorted by user."""
+        tokens, known = data.to_tokens(self.global_items, vocab_ids)
+        global_tokens = np.unique(tokens[known])
+        if self.users is None:
+            return Exclusions(global_tokens, None, None, self.files)
+        tokens, known = data.to_tokens(self.items, vocab_ids)
+        users = self.users[known]
+        order = np.argsort(users, kind="stable")
+        return Exclusions(global_tokens, users[order], tokens[known][order], self.files)
 
-def read_exclusions(uri: str | None, storage: StorageConfig, vocab_ids: np.ndarray, max_driver_rows: int | None = None) -> Exclusions:
-    """--exclude -> the global tokens, or the per-user ones (sorted by user) of a table of at
-    most ``max_driver_rows`` rows (default ``DRIVER_EXCLUDE_MAX_ROWS``). A larger per-user
-    table is left to the cluster: only its schema and row count are read here."""
+
+def read_exclusions(uri: str | None, storage: StorageConfig, max_driver_rows: int | None = None) -> Exclusions:
+    """--exclude -> the global item ids, or the per-user pairs of a table of at most
+    ``max_driver_rows`` rows (default ``DRIVER_EXCLUDE_MAX_ROWS``). A larger per-user table is
+    left to the cluster: only its schema and its footers' row counts are read here."""
     empty = np.zeros(0, np.int64)
     if uri is None:
         return Exclusions(empty, None, None, None)
@@ -525,12 +538,10 @@ def read_exclusions(uri: str | None, storage: StorageConfig, vocab_ids: np.ndarr
         if t[name].null_count:
             row = int(pc.index(pc.is_null(t[name]), True).as_py())
             raise InputError(f"--exclude {uri}: column {name!r} has {t[name].null_count} null value(s), first at row {row}")
-    tokens, known = data.to_tokens(t["item_id"].to_numpy(zero_copy_only=False), vocab_ids)
+    items = t["item_id"].to_numpy(zero_copy_only=False).astype(np.int64)
     if not per_user:
-        return Exclusions(np.unique(tokens[known]), None, None, None)
-    users = t["user_id"].to_numpy(zero_copy_only=False)[known]
-    order = np.argsort(users, kind="stable")
-    return Exclusions(empty, users[order], tokens[known][order], None)
+        return Exclusions(items, None, None, None)
+    return Exclusions(empty, t["user_id"].to_numpy(zero_copy_only=False).astype(np.int64), items, None)
 
 
 def join_exclusions_on_cluster(ds, exclude: str, files: list[str], storage: StorageConfig, columns: pa.Schema, users: int):
@@ -570,13 +581,16 @@ def score(cfg: ScoreConfig, manifest_extra: dict | None = None, scorer_cls: type
     cluster.require_shared_storage({"checkpoint": cfg.checkpoint, "histories": cfg.histories, "out": cfg.out}, cfg.storage)
     timings: dict[str, float] = {}
     t0 = time.time()
+    exclude = read_exclusions(cfg.exclude, cfg.storage)
+    if exclude.files is not None:  # read by tasks on any node
+        cluster.require_shared_storage({"exclude": cfg.exclude}, cfg.storage)
     loaded = ckpt_lib.load(cfg.checkpoint, cfg.storage)
     mc = loaded.model.config
     if cfg.k > mc.num_items:
         raise InputError(f"--k {cfg.k} is larger than the catalogue of {mc.num_items} items in {loaded.uri}")
     hist = check_histories(cfg.histories, cfg.storage)
     vocab_ids = loaded.vocab_ids
-    exclusions = read_exclusions(cfg.exclude, cfg.storage, vocab_ids)
+    exclusions = exclude.to_tokens(vocab_ids)
     titles = read_titles(cfg.items, cfg.storage, vocab_ids)
     import ray
 
@@ -630,7 +644,7 @@ def _score_and_publish(cfg, loaded, hist, exclusions, titles, timings, t0, manif
             "mask_token": mc.mask_token,
             "use_ratings": mc.use_ratings,
             "exclude_users": exclusions.users,
-            "exclude_tokens": exclusions.tokens,
+            "exclude_tokens": exclusions.items,
         },
     )
     ds = ds.map_batches(
@@ -641,7 +655,7 @@ def _score_and_publish(cfg, loaded, hist, exclusions, titles, timings, t0, manif
             "k": cfg.k,
             "item_chunk_size": cfg.item_chunk_size,
             "use_gpu": cfg.gpu,
-            "global_exclude": exclusions.global_tokens,
+            "global_exclude": exclusions.global_items,
             "titles": titles,
             "generated_at": generated_at,
             "threads": cfg.threads_per_actor,

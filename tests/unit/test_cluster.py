@@ -114,3 +114,21 @@ def test_train_score_and_nightly_refuse_before_any_work(fake_ray, tmp_path):
     with pytest.raises(InputError, match=r"^out is a local path"):
         nightly(NightlyConfig(interactions="s3://b/in", out=out))
     assert list(tmp_path.iterdir()) == []
+
+
+def test_score_refuses_a_local_exclude_that_tasks_would_read(fake_ray, tmp_path, monkeypatch):
+    """A per-user --exclude too large for the driver is read by tasks on any node: a local path
+    is refused before anything else is read (the S3 inputs here do not exist)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from bert4rec import score as score_mod
+    from bert4rec.config import ScoreConfig
+
+    fake_ray(True, [{"Alive": True}, {"Alive": True}])
+    exclude = str(tmp_path / "exclude.parquet")
+    pq.write_table(pa.table({"user_id": pa.array([1, 2], pa.int64()), "item_id": pa.array([3, 4], pa.int64())}), exclude)
+    cfg = ScoreConfig(checkpoint="s3://b/ckpt", histories="s3://b/hist", out="s3://b/out", exclude=exclude)
+    monkeypatch.setattr(score_mod, "DRIVER_EXCLUDE_MAX_ROWS", 1)
+    with pytest.raises(InputError, match=rf"^exclude is a local path \({exclude}\) on a Ray cluster of 2 nodes"):
+        score_mod.score(cfg)

@@ -331,19 +331,23 @@ def _write(tmp_path, name, table):
 
 
 def test_read_exclusions_global_and_per_user(tmp_path):
-    glob = _write(tmp_path, "glob", pa.table({"item_id": pa.array([60, 10, 999, 60], pa.int64())}))
-    g, users, toks, files = read_exclusions(glob, StorageConfig(), VOCAB_IDS)
+    glob = _write(tmp_path, "glob", pa.table({"item_id": pa.array([60, 10, 999, 60], pa.int32())}))
+    read = read_exclusions(glob, StorageConfig())
+    assert read.global_items.tolist() == [60, 10, 999, 60] and read.users is None and read.items is None and read.files is None
+    g, users, toks, files = read.to_tokens(VOCAB_IDS)
     assert g.tolist() == [1, 6] and users is None and toks is None and files is None  # unknown 999 ignored, duplicates harmless
     per_user = _write(tmp_path, "per", pa.table({"user_id": pa.array([5, 2, 5, 2], pa.int64()), "item_id": pa.array([20, 30, 999, 40], pa.int64())}))
-    g, users, toks, files = read_exclusions(per_user, StorageConfig(), VOCAB_IDS)
+    read = read_exclusions(per_user, StorageConfig())
+    assert read.users.tolist() == [5, 2, 5, 2] and read.items.tolist() == [20, 30, 999, 40]
+    g, users, toks, files = read.to_tokens(VOCAB_IDS)
     assert g.tolist() == [] and users.tolist() == [2, 2, 5] and toks.tolist() == [3, 4, 2] and files is None
-    assert read_exclusions(None, StorageConfig(), VOCAB_IDS)[1:] == (None, None, None)
+    assert read_exclusions(None, StorageConfig()).to_tokens(VOCAB_IDS)[1:] == (None, None, None)
     bad = _write(tmp_path, "bad", pa.table({"item": pa.array([1], pa.int64())}))
     with pytest.raises(InputError, match="--exclude .*'item_id'"):
-        read_exclusions(bad, StorageConfig(), VOCAB_IDS)
+        read_exclusions(bad, StorageConfig())
     nulls = _write(tmp_path, "nulls", pa.table({"user_id": pa.array([5, None], pa.int64()), "item_id": pa.array([20, 30], pa.int64())}))
     with pytest.raises(InputError, match=r"--exclude .*: column 'user_id' has 1 null value\(s\), first at row 1"):
-        read_exclusions(nulls, StorageConfig(), VOCAB_IDS)
+        read_exclusions(nulls, StorageConfig())
 
 
 def test_read_exclusions_leaves_a_large_per_user_table_to_the_cluster(tmp_path):
@@ -352,13 +356,13 @@ def test_read_exclusions_leaves_a_large_per_user_table_to_the_cluster(tmp_path):
     d.mkdir()
     pq.write_table(pa.table({"user_id": pa.array([5, None], pa.int64()), "item_id": pa.array([20, 30], pa.int64())}), str(d / "b.parquet"))
     pq.write_table(pa.table({"user_id": pa.array([7], pa.int64()), "item_id": pa.array([40], pa.int64())}), str(d / "a.parquet"))
-    g, users, toks, files = read_exclusions(str(d), StorageConfig(), VOCAB_IDS, max_driver_rows=2)
+    g, users, toks, files = read_exclusions(str(d), StorageConfig(), max_driver_rows=2).to_tokens(VOCAB_IDS)
     assert g.tolist() == [] and users is None and toks is None
     assert files == [str(d / "a.parquet"), str(d / "b.parquet")]
-    assert read_exclusions(str(d / "a.parquet"), StorageConfig(), VOCAB_IDS, max_driver_rows=2).files is None
+    assert read_exclusions(str(d / "a.parquet"), StorageConfig(), max_driver_rows=2).files is None
     # a global list (no user_id) is bounded by the catalogue: always the driver's
     glob = _write(tmp_path, "glob", pa.table({"item_id": pa.array([60, 10, 60], pa.int64())}))
-    assert read_exclusions(glob, StorageConfig(), VOCAB_IDS, max_driver_rows=0).global_tokens.tolist() == [1, 6]
+    assert read_exclusions(glob, StorageConfig(), max_driver_rows=0).to_tokens(VOCAB_IDS).global_items.tolist() == [1, 6]
 
 
 HISTORY_COLUMNS = pa.schema([("user_id", pa.int64()), ("item_ids", pa.list_(pa.int64())), ("ratings", pa.list_(pa.float32()))])
