@@ -670,11 +670,11 @@ def _score_and_publish(cfg, loaded, hist, exclusions, titles, timings, t0, manif
         num_cpus=cfg.cpus_per_actor,
     )
     out_fs, staging_path = arrow_filesystem(staging, cfg.storage)
-    # scoring runs in blocks of batch_size users; consumers would rather read few large files
     # a bad --exclude row found in a task reaches the user as our one-line InputError
     ds.context.raise_original_map_exception = True
     with console.progress("scoring", hist.users):
         try:
+            # scoring runs in blocks of batch_size users; consumers would rather read few large files
             ds.write_parquet(staging_path, filesystem=out_fs, min_rows_per_file=cfg.rows_per_file)
         except Exception as e:
             raise input_error_in(e) or e
