@@ -17,8 +17,8 @@ times, in this process (the driver) on one local Ray:
 and, for a per-user ``--exclude`` table of ``--exclusions-per-user`` rows a user (item ids
 1..1000, files of 1M rows):
 
-  exclude driver   ``score.read_exclusions`` with no size limit: the driver reads and sorts
-                   every (user, item) pair (what ``score`` does up to ``DRIVER_EXCLUDE_MAX_ROWS``
+  exclude driver   ``score.read_exclusions`` with no size limit, then ``to_tokens``: the driver
+                   reads every (user, item) pair, maps it to tokens and sorts it (what ``score`` does up to ``DRIVER_EXCLUDE_MAX_ROWS``
                    rows)
   exclude cluster  ``score.join_exclusions_on_cluster`` of the histories and that table,
                    consumed by a count of rows and joined ids: the Ray Data hash shuffle
@@ -95,11 +95,11 @@ def joined_counts(hist: str, ex: str, storage, users: int) -> tuple[int, int]:
     import pyarrow.compute as pc
     import ray.data
 
-    from bert4rec.io import parquet_files
+    from bert4rec.io import parquet_files, parquet_schema
     from bert4rec.score import EXCLUDED_COLUMN, join_exclusions_on_cluster
 
     ds = ray.data.read_parquet(hist, file_extensions=["parquet"])
-    joined = join_exclusions_on_cluster(ds, ex, parquet_files(ex, storage), storage, pq.read_schema(parquet_files(hist, storage)[0]), users)
+    joined = join_exclusions_on_cluster(ds, ex, parquet_files(ex, storage), storage, parquet_schema(hist, storage), users)
 
     def count(b: pa.Table) -> pa.Table:
         return pa.table({"rows": [b.num_rows], "ids": [int(pc.sum(pc.list_value_length(b[EXCLUDED_COLUMN])).as_py() or 0)]})
@@ -151,7 +151,7 @@ def main(argv=None) -> list[dict]:
             ex = write_exclusions(root, hist, args.exclusions_per_user)
             n = users * args.exclusions_per_user
             vocab_ids = np.arange(1, 1001, dtype=np.int64)
-            xd_s, xd_mib, read = measure(lambda: read_exclusions(ex, storage, vocab_ids, max_driver_rows=n))
+            xd_s, xd_mib, read = measure(lambda: read_exclusions(ex, storage, max_driver_rows=n).to_tokens(vocab_ids))
             xc_s, xc_mib, counts = measure(lambda: joined_counts(hist, ex, storage, users))
             assert len(read.users) == n and counts == (users, n), (len(read.users), counts)
             del read
