@@ -57,7 +57,7 @@ def validate_interactions(table: pa.Table, source: str, timestamp_unit: str = "a
         raise InputError(f"{source}: missing column(s) {missing}; expected {list(REQUIRED_COLUMNS)} (+ optional rating), found {table.column_names}")
     columns = {}
     for name in ("user_id", "item_id"):
-        columns[name] = _int64_ids(table[name], name, source)
+        columns[name] = int64_ids(table[name], name, source)
     columns["timestamp"] = timestamps_ns(table["timestamp"], timestamp_unit, source)
     if "rating" in table.column_names:
         r = table["rating"]
@@ -67,24 +67,36 @@ def validate_interactions(table: pa.Table, source: str, timestamp_unit: str = "a
     return pa.table(columns)
 
 
-def _int64_ids(col: pa.ChunkedArray, name: str, source: str) -> pa.Array:
+def int64_ids(col: pa.ChunkedArray | pa.Array, name: str, source: str, first_row: int | None = None) -> pa.Array:
+    """An integer id column -> int64, or an InputError naming ``source``, the column and the
+    first null, fractional or too large value. ``first_row``: the column holds the input's rows
+    from this one on (a batch of a longer file), so rows are numbered from it and nulls are not
+    counted."""
     col = col.combine_chunks() if isinstance(col, pa.ChunkedArray) else col
+    offset = first_row or 0
     if pa.types.is_floating(col.type):
         v = col.to_numpy(zero_copy_only=False)
         bad = np.flatnonzero(~np.isfinite(v) | (v != np.round(v)))
-        where = f"; row {int(bad[0])} is {v[bad[0]]}" if len(bad) else ""
+        where = f"; row {offset + int(bad[0])} is {v[bad[0]]}" if len(bad) else ""
         raise InputError(f"{source}: column {name!r} must be integer, found {col.type}{where}")
     if not pa.types.is_integer(col.type):
         raise InputError(f"{source}: column {name!r} must be integer, found {col.type}")
     if col.null_count:
-        row = int(pc.index(pc.is_null(col), True).as_py())
-        raise InputError(f"{source}: column {name!r} has {col.null_count} null value(s), first at row {row}")
+        row = offset + first_true(pc.is_null(col))
+        if first_row is None:
+            raise InputError(f"{source}: column {name!r} has {col.null_count} null value(s), first at row {row}")
+        raise InputError(f"{source}: column {name!r} has a null value at row {row}")
     if col.type == pa.uint64() and len(col):
         too_big = pc.greater(col, pa.scalar(2**63 - 1, pa.uint64()))
         if pc.any(too_big).as_py():
-            row = int(pc.index(too_big, True).as_py())
-            raise InputError(f"{source}: column {name!r} row {row} is {col[row].as_py()}, past the largest int64 id (2**63 - 1)")
+            row = first_true(too_big)
+            raise InputError(f"{source}: column {name!r} row {offset + row} is {col[row].as_py()}, past the largest int64 id (2**63 - 1)")
     return col.cast(pa.int64())
+
+
+def first_true(mask: pa.Array | pa.ChunkedArray) -> int:
+    """Index of the first true value of a boolean array (-1 when none)."""
+    return int(pc.index(mask, True).as_py())
 
 
 def timestamps_ns(col: pa.ChunkedArray | pa.Array, unit: str, source: str) -> pa.Array:
@@ -103,8 +115,9 @@ def timestamps_ns(col: pa.ChunkedArray | pa.Array, unit: str, source: str) -> pa
     elif pa.types.is_date64(col.type):
         unit, col = "ms", col.view(pa.int64())
     elif pa.types.is_integer(col.type):
-        if col.type == pa.uint64() and len(col) and pc.any(pc.greater(col, pa.scalar(2**63 - 1, pa.uint64()))).as_py():
-            row = int(pc.index(pc.greater(col, pa.scalar(2**63 - 1, pa.uint64())), True).as_py())
+        too_big = pc.greater(col, pa.scalar(2**63 - 1, pa.uint64())) if col.type == pa.uint64() else None
+        if too_big is not None and len(col) and pc.any(too_big).as_py():
+            row = first_true(too_big)
             raise InputError(f"{source}: column 'timestamp' row {row} is {col[row].as_py()}: not a time between 1970 and 2100 in any unit")
         col = col.cast(pa.int64())
     else:

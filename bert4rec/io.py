@@ -268,14 +268,29 @@ def parquet_files(uri: str, storage: StorageConfig | None = None) -> list[str]:
     return files
 
 
-def parquet_rows(uri: str, storage: StorageConfig | None = None) -> int:
-    """Rows of a Parquet file or directory of files, from the footers alone."""
+@dataclass(frozen=True)
+class ParquetFooters:
+    """What a Parquet file or directory's footers say, from one listing."""
+
+    files: list[str]  # fs paths, sorted
+    schema: pa.Schema  # the first file's
+    rows: int  # all files'
+
+
+def parquet_footers(uri: str, storage: StorageConfig | None = None) -> ParquetFooters:
+    """Lists ``uri`` once and reads every file's footer (none of its rows)."""
     fs, _ = filesystem(uri, storage)
-    rows = 0
-    for f in parquet_files(uri, storage):
+    files = parquet_files(uri, storage)
+    rows, schema = 0, None
+    for f in files:
         with fs.open(f, "rb") as fh:
-            rows += pq.ParquetFile(fh).metadata.num_rows
-    return rows
+            try:
+                pf = pq.ParquetFile(fh)
+            except pa.ArrowInvalid as e:
+                raise InputError(f"{f}: not a Parquet file: {e}") from e
+            rows += pf.metadata.num_rows
+            schema = pf.schema_arrow if schema is None else schema
+    return ParquetFooters(files, schema, rows)
 
 
 def read_parquet(uri: str, storage: StorageConfig | None = None, columns: list[str] | None = None) -> pa.Table:

@@ -38,7 +38,7 @@ from bert4rec import checkpoint as ckpt_lib
 from bert4rec import cluster
 from bert4rec import console, data, locks, publish
 from bert4rec.config import ScoreConfig, StorageConfig
-from bert4rec.io import InputError, arrow_filesystem, filesystem, input_error_in, join, parquet_files, parquet_rows, parquet_schema, read_parquet
+from bert4rec.io import InputError, arrow_filesystem, filesystem, input_error_in, join, parquet_footers, read_parquet
 from bert4rec.model import BERT4Rec
 from bert4rec.ranking import chunked_topk, topk_excluding
 
@@ -359,21 +359,18 @@ def history_side(batch: pa.Table) -> pa.Table:
 def exclusion_side(batch: pa.Table, uri: str, storage: StorageConfig, columns: pa.Schema) -> Iterator[pa.Table]:
     """One --exclude file (``batch``: one row, its ``path``) -> rows shaped like
     :func:`history_side`'s (``columns``: the histories' columns, here all null) with ``side`` 1
-    and the ``excluded`` item id. A null id is an InputError naming the file and its row."""
+    and the ``excluded`` item id. A null or out-of-range id is an InputError naming the file and its row."""
     fs, _ = filesystem(uri, storage)
     path = batch["path"][0].as_py()
     first = 0
     with fs.open(path, "rb") as handle:
         for rb in pq.ParquetFile(handle).iter_batches(batch_size=1 << 20, columns=["user_id", "item_id"]):
-            for name in ("user_id", "item_id"):
-                if rb[name].null_count:
-                    row = first + int(pc.index(pc.is_null(rb[name]), True).as_py())
-                    raise InputError(f"--exclude {path}: column {name!r} has a null value at row {row}; expected integer ids")
+            users, items = (data.int64_ids(rb[name], name, f"--exclude {path}", first_row=first) for name in ("user_id", "item_id"))
             n = rb.num_rows
             rows = {field.name: pa.nulls(n, field.type) for field in columns}
-            rows["user_id"] = rb["user_id"].cast(columns.field("user_id").type)
+            rows["user_id"] = users.cast(columns.field("user_id").type)
             rows["side"] = pa.array(np.ones(n, np.int8))
-            rows["excluded"] = rb["item_id"].cast(pa.int64())
+            rows["excluded"] = items
             first += n
             yield pa.table(rows)
 
@@ -420,7 +417,8 @@ def check_histories(uri: str, storage: StorageConfig, max_driver_users: int | No
     """Schema checks, and the user_id checks (no nulls, one row per user) of a table of at
     most ``max_driver_users`` (default ``DRIVER_CHECK_MAX_USERS``), before anything runs.
     A larger table's users are left to :func:`check_users_on_cluster`."""
-    schema = parquet_schema(uri, storage)
+    footers = parquet_footers(uri, storage)
+    schema = footers.schema
     for name, ok, expected in (
         ("user_id", lambda t: pa.types.is_integer(t), "an integer"),
         ("item_ids", lambda t: (pa.types.is_list(t) or pa.types.is_large_list(t)) and pa.types.is_integer(t.value_type), "a list of integer item ids"),
@@ -429,13 +427,10 @@ def check_histories(uri: str, storage: StorageConfig, max_driver_users: int | No
             raise InputError(f"--histories {uri}: missing column {name!r}; expected user_id and item_ids (a list in time order), found {schema.names}")
         if not ok(schema.field(name).type):
             raise InputError(f"--histories {uri}: column {name!r} must be {expected}, found {schema.field(name).type}")
-    rows = parquet_rows(uri, storage)
+    rows = footers.rows
     if rows > (DRIVER_CHECK_MAX_USERS if max_driver_users is None else max_driver_users):
         return HistoriesCheck(rows, None, schema)
-    users = read_parquet(uri, storage, columns=["user_id"])["user_id"]
-    if users.null_count:
-        row = int(pc.index(pc.is_null(users), True).as_py())
-        raise InputError(f"--histories {uri}: {users.null_count} null user_id value(s), first at row {row}")
+    users = data.int64_ids(read_parquet(uri, storage, columns=["user_id"])["user_id"], "user_id", f"--histories {uri}")
     u = np.sort(users.to_numpy())
     dup = u[1:][u[1:] == u[:-1]]
     if len(dup):
@@ -523,7 +518,8 @@ def read_exclusions(uri: str | None, storage: StorageConfig, max_driver_rows: in
     empty = np.zeros(0, np.int64)
     if uri is None:
         return Exclusions(empty, None, None, None)
-    schema = parquet_schema(uri, storage)
+    footers = parquet_footers(uri, storage)
+    schema = footers.schema
     for name in ("item_id", "user_id"):
         if name == "user_id" and name not in schema.names:
             continue
@@ -531,17 +527,13 @@ def read_exclusions(uri: str | None, storage: StorageConfig, max_driver_rows: in
             found = schema.field(name).type if name in schema.names else "no such column"
             raise InputError(f"--exclude {uri}: column {name!r} must be integer ids (item_id, optionally with user_id), found {found}")
     per_user = "user_id" in schema.names
-    if per_user and parquet_rows(uri, storage) > (DRIVER_EXCLUDE_MAX_ROWS if max_driver_rows is None else max_driver_rows):
-        return Exclusions(empty, None, None, parquet_files(uri, storage))
+    if per_user and footers.rows > (DRIVER_EXCLUDE_MAX_ROWS if max_driver_rows is None else max_driver_rows):
+        return Exclusions(empty, None, None, footers.files)
     t = read_parquet(uri, storage, columns=["user_id", "item_id"] if per_user else ["item_id"])
-    for name in t.column_names:
-        if t[name].null_count:
-            row = int(pc.index(pc.is_null(t[name]), True).as_py())
-            raise InputError(f"--exclude {uri}: column {name!r} has {t[name].null_count} null value(s), first at row {row}")
-    items = t["item_id"].to_numpy(zero_copy_only=False).astype(np.int64)
+    ids = {name: data.int64_ids(t[name], name, f"--exclude {uri}").to_numpy() for name in t.column_names}
     if not per_user:
-        return Exclusions(items, None, None, None)
-    return Exclusions(empty, t["user_id"].to_numpy(zero_copy_only=False).astype(np.int64), items, None)
+        return Exclusions(ids["item_id"], None, None, None)
+    return Exclusions(empty, ids["user_id"], ids["item_id"], None)
 
 
 def join_exclusions_on_cluster(ds, exclude: str, files: list[str], storage: StorageConfig, columns: pa.Schema, users: int):

@@ -30,7 +30,7 @@ from bert4rec import cluster
 from bert4rec import console
 from bert4rec import data
 from bert4rec.config import TrainConfig, TrainSettings
-from bert4rec.io import InputError, arrow_filesystem, filesystem, join, parquet_rows, parquet_schema, read_json, read_parquet, write_json
+from bert4rec.io import InputError, arrow_filesystem, filesystem, join, parquet_footers, read_json, read_parquet, write_json
 from bert4rec.metrics import EvalSet, make_eval_set, model_ranks, popularity, popularity_ranks, sampled_histories
 from bert4rec.model import BERT4Rec, BERT4RecConfig, cloze_loss, negative_sampler, sampled_cloze_loss
 from bert4rec.ranking import hr_ndcg_mrr
@@ -480,11 +480,12 @@ def read_prepared(cfg_data: str, storage) -> Prepared:
         if not fs.exists(path):
             raise InputError(f"{cfg_data}: not a prepared data directory (missing {uri}; run `bert4rec prepare`)")
     vocab = read_parquet(vocab_uri, storage)
-    names = parquet_schema(hist_uri, storage).names
+    footers = parquet_footers(hist_uri, storage)
+    names = footers.schema.names
     for name in ("user_id", "item_ids"):
         if name not in names:
             raise InputError(f"{hist_uri}: missing column {name!r}")
-    return Prepared(vocab, hist_uri, parquet_rows(hist_uri, storage), "ratings" in names)
+    return Prepared(vocab, hist_uri, footers.rows, "ratings" in names)
 
 
 def read_sample(hist_uri: str, storage, max_users: int, users: int, seed: int) -> pa.Table:

@@ -72,7 +72,7 @@ def bad_histories(tmp_path, synthetic_data, case: str) -> str:
     [
         ("no_user_id", ["missing column 'user_id'"]),
         ("no_item_ids", ["missing column 'item_ids'"]),
-        ("null_user_id", ["1 null user_id", "row 7"]),
+        ("null_user_id", ["column 'user_id' has 1 null value(s), first at row 7"]),
         ("duplicated_user_id", ["1 duplicated user_id"]),
     ],
 )
