@@ -79,10 +79,19 @@ class SelfAttention(nn.Module):
         self.proj = nn.Linear(c.hidden, c.hidden)
         self.attn_dropout = c.attn_dropout
 
-    def forward(self, x: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
-        """x (B, T, D), keep (B, 1, 1, T) True for real tokens -> (B, T, D)."""
+    def forward(self, x: torch.Tensor, keep: torch.Tensor, last_only: bool = False) -> torch.Tensor:
+        """x (B, T, D), keep (B, 1, 1, T) True for real tokens -> (B, T, D); with
+        ``last_only``, (B, 1, D): the last position's output alone (its query against every key)."""
         B, T, D = x.shape
-        q, k, v = self.qkv(x).view(B, T, 3, self.heads, D // self.heads).permute(2, 0, 3, 1, 4)  # 3 x (B, H, T, hd)
+        H, hd = self.heads, D // self.heads
+        if last_only:
+            w, b = self.qkv.weight, self.qkv.bias
+            q = F.linear(x[:, -1:], w[:D], b[:D]).view(B, 1, 1, H, hd)
+            kv = F.linear(x, w[D:], b[D:]).view(B, T, 2, H, hd)
+            q, k, v = q.permute(2, 0, 3, 1, 4)[0], *kv.permute(2, 0, 3, 1, 4)  # (B, H, 1 | T, hd)
+            T = 1
+        else:
+            q, k, v = self.qkv(x).view(B, T, 3, H, hd).permute(2, 0, 3, 1, 4)  # 3 x (B, H, T, hd)
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=keep, dropout_p=self.attn_dropout if self.training else 0.0)  # (B, H, T, hd)
         return self.proj(y.transpose(1, 2).reshape(B, T, D))
 
@@ -100,11 +109,14 @@ class TransformerLayer(nn.Module):
         self.norm2 = nn.LayerNorm(c.hidden)
         self.drop = nn.Dropout(c.dropout)
 
-    def forward(self, x: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, keep: torch.Tensor, last_only: bool = False) -> torch.Tensor:
+        """(B, T, D) -> (B, T, D), or with ``last_only`` the last position's (B, 1, D): every
+        position is a key, only the last is a query, and the feed-forward runs on it alone."""
+        residual = x[:, -1:] if last_only else x
         if self.norm_first:
-            x = x + self.drop(self.attn(self.norm1(x), keep))
+            x = residual + self.drop(self.attn(self.norm1(x), keep, last_only))
             return x + self.drop(self.ff(self.norm2(x)))
-        x = self.norm1(x + self.drop(self.attn(x, keep)))
+        x = self.norm1(residual + self.drop(self.attn(x, keep, last_only)))
         return self.norm2(x + self.drop(self.ff(x)))
 
 
@@ -147,8 +159,10 @@ class BERT4Rec(nn.Module):
             if module.bias is not None:
                 nn.init.zeros_(module.bias)
 
-    def encode(self, tokens: torch.Tensor, ratings: torch.Tensor | None = None) -> torch.Tensor:
-        """(B, T) tokens [, (B, T) ratings 0..5] -> (B, T, D) hidden states after the output transform."""
+    def encode(self, tokens: torch.Tensor, ratings: torch.Tensor | None = None, last_only: bool = False) -> torch.Tensor:
+        """(B, T) tokens [, (B, T) ratings 0..5] -> (B, T, D) hidden states after the output
+        transform; with ``last_only``, (B, 1, D) for the last position alone (the final layer
+        then computes nothing the other positions' outputs would need)."""
         B, T = tokens.shape
         assert T <= self.config.max_len, f"sequence length {T} > max_len {self.config.max_len}"
         # left padding: the last input position is always position max_len - 1
@@ -158,8 +172,8 @@ class BERT4Rec(nn.Module):
             x = x + self.rating_emb(ratings)
         x = self.emb_drop(self.emb_norm(x))
         keep = (tokens != 0)[:, None, None, :]  # (B, 1, 1, T): attend to real tokens only
-        for layer in self.layers:
-            x = layer(x, keep)  # (B, T, D)
+        for i, layer in enumerate(self.layers):
+            x = layer(x, keep, last_only and i == len(self.layers) - 1)  # (B, T, D); (B, 1, D) after a last_only layer
         x = self.final_norm(x)
         return self.head_norm(F.gelu(self.head(x)))  # (B, T, D)
 
@@ -189,8 +203,9 @@ class BERT4Rec(nn.Module):
         return self.logits(h[positions])  # (M, V+2)
 
     def last_hidden(self, tokens: torch.Tensor, ratings: torch.Tensor | None = None) -> torch.Tensor:
-        """(B, T) sequences ending in [MASK] -> (B, D) hidden state of that last position."""
-        return self.encode(tokens, ratings)[:, -1]
+        """(B, T) sequences ending in [MASK] -> (B, D) hidden state of that last position
+        (``encode(tokens)[:, -1]``, up to float rounding, with the final layer run for it alone)."""
+        return self.encode(tokens, ratings, last_only=True)[:, 0]
 
 
 def cloze_loss(model: BERT4Rec, tokens: torch.Tensor, labels: torch.Tensor, ratings: torch.Tensor | None = None) -> torch.Tensor:

@@ -36,6 +36,21 @@ def test_left_padding_does_not_change_the_prediction():
         assert torch.allclose(model.last_hidden(short), model.last_hidden(padded), atol=1e-5)
 
 
+@pytest.mark.parametrize("layers, norm_first, ratings", [(1, True, False), (2, True, True), (3, False, True), (2, False, False)])
+def test_last_hidden_runs_the_final_layer_for_the_last_position_only(layers, norm_first, ratings):
+    torch.manual_seed(layers)
+    c = CFG.model_copy(update={"layers": layers, "norm_first": norm_first, "use_ratings": ratings, "hidden": 16, "heads": 4})
+    model = BERT4Rec(c).eval()
+    tokens = torch.tensor([[0, 0, 3, 4, 9, 11], [1, 2, 3, 4, 5, 11], [0, 0, 0, 0, 0, 11]])
+    r = torch.tensor([[0, 0, 5, 1, 3, 0], [2, 2, 4, 4, 1, 0], [0] * 6]) if ratings else None
+    with torch.no_grad():
+        full = model.encode(tokens, r)[:, -1]
+        last = model.last_hidden(tokens, r)
+    assert last.shape == (3, 16)
+    assert torch.allclose(last, full, atol=1e-6, rtol=0)
+    assert model.encode(tokens, r, last_only=True).shape == (3, 1, 16)
+
+
 def test_ratings_embedding_changes_the_output_only_when_enabled():
     torch.manual_seed(0)
     model = BERT4Rec(CFG.model_copy(update={"use_ratings": True})).eval()
