@@ -86,17 +86,24 @@ def int64_ids(col: pa.ChunkedArray | pa.Array, name: str, source: str, first_row
         if first_row is None:
             raise InputError(f"{source}: column {name!r} has {col.null_count} null value(s), first at row {row}")
         raise InputError(f"{source}: column {name!r} has a null value at row {row}")
-    if col.type == pa.uint64() and len(col):
-        too_big = pc.greater(col, pa.scalar(2**63 - 1, pa.uint64()))
-        if pc.any(too_big).as_py():
-            row = first_true(too_big)
-            raise InputError(f"{source}: column {name!r} row {offset + row} is {col[row].as_py()}, past the largest int64 id (2**63 - 1)")
+    row = _first_past_int64(col)
+    if row is not None:
+        raise InputError(f"{source}: column {name!r} row {offset + row} is {col[row].as_py()}, past the largest int64 id (2**63 - 1)")
     return col.cast(pa.int64())
 
 
 def first_true(mask: pa.Array | pa.ChunkedArray) -> int:
     """Index of the first true value of a boolean array (-1 when none)."""
     return int(pc.index(mask, True).as_py())
+
+
+def _first_past_int64(col: pa.Array) -> int | None:
+    """Index of the first value of an integer array that int64 cannot hold (a uint64 past
+    2**63 - 1), or None."""
+    if col.type != pa.uint64() or not len(col):
+        return None
+    too_big = pc.greater(col, pa.scalar(2**63 - 1, pa.uint64()))
+    return first_true(too_big) if pc.any(too_big).as_py() else None
 
 
 def timestamps_ns(col: pa.ChunkedArray | pa.Array, unit: str, source: str) -> pa.Array:
@@ -115,9 +122,8 @@ def timestamps_ns(col: pa.ChunkedArray | pa.Array, unit: str, source: str) -> pa
     elif pa.types.is_date64(col.type):
         unit, col = "ms", col.view(pa.int64())
     elif pa.types.is_integer(col.type):
-        too_big = pc.greater(col, pa.scalar(2**63 - 1, pa.uint64())) if col.type == pa.uint64() else None
-        if too_big is not None and len(col) and pc.any(too_big).as_py():
-            row = first_true(too_big)
+        row = _first_past_int64(col)
+        if row is not None:
             raise InputError(f"{source}: column 'timestamp' row {row} is {col[row].as_py()}: not a time between 1970 and 2100 in any unit")
         col = col.cast(pa.int64())
     else:
