@@ -83,6 +83,7 @@ def test_null_timestamps_are_dropped_and_counted():
         (TABLE.set_column(1, "item_id", pa.array([1.0, 2.0, 1.5, 4, 5, 6, 7, 8])), "column 'item_id' must be integer, found double; row 2 is 1.5"),
         (TABLE.set_column(1, "item_id", pa.array([1.0, 2.0, None, 4, 5, 6, 7, 8])), "column 'item_id' must be integer, found double; row 2 is nan"),
         (TABLE.set_column(0, "user_id", pa.array([1, 2, 3, 2**63, 1, 1, 1, 1], pa.uint64())), "column 'user_id' row 3 is 9223372036854775808, past the largest int64 id"),
+        (TABLE.set_column(2, "timestamp", pa.array([1, None, 2**64 - 1, 1, 1, 2, 9, 1], pa.uint64())), "column 'timestamp' row 2 is 18446744073709551615: not a time between 1970 and 2100 in any unit"),
         (TABLE.set_column(2, "timestamp", pa.array([5, 3, -5, 1, 1, 2, 9, 1], pa.int64())), "column 'timestamp' row 2 is -5, read as seconds (inferred from its magnitude): not a time between 1970 and 2100; declare the unit"),
     ],
 )
