@@ -33,7 +33,8 @@ GCS, raylet, workers and actors) the parent samples every ``--sample-s`` seconds
         scoring actors' start-up is included.
   bare  one process, no Ray: pyarrow reads the same Parquet files in batches of --batch-size,
         ``featurize`` then a ``Scorer`` instance called directly (the very code the actors run:
-        ``score_batch`` + ``to_rows``), rows written to one Parquet file. The ceiling. Torch
+        ``score_batch`` + ``to_rows``), rows written to one Parquet file with the same
+        encodings as ``score()``'s (``dictionary_columns``). The ceiling. Torch
         uses its default thread count here (all cores; ``--bare-threads`` to change it), while
         Ray gives each actor ``OMP_NUM_THREADS`` = its ``cpus_per_actor`` (so 1 thread by default)
         unless ``--threads-per-actor`` sets the actor's torch threads.
@@ -401,7 +402,7 @@ def child_bare(args) -> dict:
     import torch
 
     from bert4rec.config import StorageConfig
-    from bert4rec.score import Scorer, featurize
+    from bert4rec.score import Scorer, dictionary_columns, featurize
 
     if args.bare_threads:
         torch.set_num_threads(args.bare_threads)
@@ -425,7 +426,7 @@ def child_bare(args) -> dict:
         for rb in pq.ParquetFile(f).iter_batches(batch_size=args.batch_size, columns=["user_id", "item_ids"]):
             rows = scorer(featurize(pa.Table.from_batches([rb]), **kw))
             if writer is None:
-                writer = pq.ParquetWriter(os.path.join(out, "part-00000.parquet"), rows.schema)
+                writer = pq.ParquetWriter(os.path.join(out, "part-00000.parquet"), rows.schema, use_dictionary=dictionary_columns(False))
             writer.write_table(rows)
             users += rows.num_rows
     if writer is not None:

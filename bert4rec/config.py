@@ -12,27 +12,12 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from bert4rec.io import StorageConfig
 from bert4rec.model import BERT4RecConfig
 
 
 class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
-
-
-class StorageConfig(Strict):
-    """Where S3 lives. Credentials are never configured here: they come from the boto chain
-    (environment, shared config file, instance profile)."""
-
-    endpoint_url: str | None = Field(None, description="S3-compatible endpoint, e.g. http://127.0.0.1:9000")
-    region: str | None = None
-    anon: bool = False
-    connect_timeout_s: float = Field(5.0, gt=0)
-    max_attempts: int = Field(2, ge=1)
-    local_is_shared: bool = Field(
-        False,
-        description="set when local paths are a filesystem mounted at the same path on every node (NFS, EFS); "
-        "otherwise a local path is refused on a Ray cluster of more than one node",
-    )
 
 
 class GenerateConfig(Strict):

@@ -20,7 +20,7 @@ from bert4rec import checkpoint as ckpt_lib
 from bert4rec import data
 from bert4rec import cluster, console
 from bert4rec.config import EvaluateConfig, StorageConfig
-from bert4rec.io import InputError, arrow_filesystem, parquet_schema, read_parquet
+from bert4rec.io import InputError, parquet_dataset, read_parquet
 from bert4rec.metrics import FAMILIES, SUM_KEYS, add_sums, eval_sums, make_eval_set, popularity, popularity_rows, report_from_sums, sampled_histories
 from bert4rec.train import read_prepared
 
@@ -89,9 +89,8 @@ def evaluate(cfg: EvaluateConfig) -> dict:
     hist_uri, users = prepared.histories, prepared.users
     mc = loaded.model.config
     console.ensure_ray()
-    hist_fs, hist_path = arrow_filesystem(hist_uri, cfg.storage)
-    columns = _columns(hist_uri, cfg.storage, mc.use_ratings)
-    ds = ray.data.read_parquet(hist_path, filesystem=hist_fs, file_extensions=["parquet"]).select_columns(columns)
+    columns = _columns(prepared.columns, mc.use_ratings)
+    ds = parquet_dataset(hist_uri, prepared.files, cfg.storage, columns, cfg.batch_size)
     ds = ds.map_batches(sampled_histories, batch_format="pyarrow", fn_kwargs={"max_users": cfg.max_users, "users": users, "seed": cfg.seed})
 
     # pass 1: popularity over the sampled users' input histories, summed block by block
@@ -105,7 +104,7 @@ def evaluate(cfg: EvaluateConfig) -> dict:
         np.add.at(counts, b["token"], b["count"])
 
     # pass 2: ranks on the actors, whose per-batch sums come back as one row each
-    # (the reader packs whole files into blocks; batch-sized blocks let every actor take a share)
+    # (a sample of users leaves small blocks: batch-sized ones again let every actor take a share)
     ranked = ds.repartition(target_num_rows_per_block=cfg.batch_size).map_batches(
         Evaluator,
         fn_constructor_kwargs={
@@ -139,7 +138,7 @@ def evaluate_in_process(cfg: EvaluateConfig) -> dict:
     prepared = read_prepared(cfg.data, cfg.storage)
     hist_uri, users = prepared.histories, prepared.users
     mc = loaded.model.config
-    histories = sampled_histories(read_parquet(hist_uri, cfg.storage, columns=_columns(hist_uri, cfg.storage, mc.use_ratings)), cfg.max_users, users, cfg.seed)
+    histories = sampled_histories(read_parquet(hist_uri, cfg.storage, columns=_columns(prepared.columns, mc.use_ratings)), cfg.max_users, users, cfg.seed)
     e = make_eval_set(histories, loaded.vocab_ids, cfg.split, mc.max_len, mc.mask_token, mc.use_ratings)
     counts = popularity(e, mc.num_items)
     device = "cuda" if cfg.gpu else "cpu"
@@ -147,7 +146,6 @@ def evaluate_in_process(cfg: EvaluateConfig) -> dict:
     return result(sums, histories.num_rows, cfg.k, cfg.split, loaded)
 
 
-def _columns(hist_uri: str, storage: StorageConfig, use_ratings: bool) -> list[str]:
-    names = parquet_schema(hist_uri, storage).names
+def _columns(names: list[str], use_ratings: bool) -> list[str]:
     optional = (["ratings"] if use_ratings else []) + [data.TRUNCATED_COLUMN]
     return ["user_id", "item_ids"] + [c for c in optional if c in names]

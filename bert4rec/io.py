@@ -14,14 +14,33 @@ import os
 import posixpath
 import uuid
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Iterator
 
 import fsspec
 import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
+from pydantic import BaseModel, ConfigDict, Field
 
-from bert4rec.config import StorageConfig
+
+class StorageConfig(BaseModel):
+    """Where S3 lives. Credentials are never configured here: they come from the boto chain
+    (environment, shared config file, instance profile). Every job's config nests one
+    (``bert4rec.config``); it lives here, with what reads it, so that reading files never
+    imports the model (and with it torch): Ray Data tasks that only read stay light."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    endpoint_url: str | None = Field(None, description="S3-compatible endpoint, e.g. http://127.0.0.1:9000")
+    region: str | None = None
+    anon: bool = False
+    connect_timeout_s: float = Field(5.0, gt=0)
+    max_attempts: int = Field(2, ge=1)
+    local_is_shared: bool = Field(
+        False,
+        description="set when local paths are a filesystem mounted at the same path on every node (NFS, EFS); "
+        "otherwise a local path is refused on a Ray cluster of more than one node",
+    )
 
 
 class InputError(ValueError):
@@ -291,6 +310,37 @@ def parquet_footers(uri: str, storage: StorageConfig | None = None) -> ParquetFo
             rows += pf.metadata.num_rows
             schema = pf.schema_arrow if schema is None else schema
     return ParquetFooters(files, schema, rows)
+
+
+def parquet_file_batches(batch: pa.Table, uri: str, storage: StorageConfig | None, columns: list[str], rows: int) -> Iterator[pa.Table]:
+    """A Ray Data task: one Parquet file of ``uri`` (``batch``: one row, its ``path``) ->
+    its ``columns`` in tables of ``rows`` rows (the file's last may hold fewer), in file order,
+    streamed. This module imports no torch, so a worker that only reads stays light."""
+    fs, _ = filesystem(uri, storage)
+    path = batch["path"][0].as_py()
+    with fs.open(path, "rb") as handle:
+        try:
+            pf = pq.ParquetFile(handle)
+        except pa.ArrowInvalid as e:
+            raise InputError(f"{path}: not a Parquet file: {e}") from e
+        missing = [c for c in columns if c not in pf.schema_arrow.names]
+        if missing:
+            raise InputError(f"{path}: missing column(s) {missing}; the table's first file has them")
+        for rb in pf.iter_batches(batch_size=rows, columns=columns):
+            yield pa.Table.from_batches([rb])
+
+
+def parquet_dataset(uri: str, files: list[str], storage: StorageConfig | None, columns: list[str], rows: int):
+    """The Parquet ``files`` of ``uri``, as the driver listed them (:func:`parquet_footers`),
+    as a Ray Dataset of ``rows``-row blocks: one read task per file, and every consumer takes
+    a share of even a one-file table. Unlike ``ray.data.read_parquet``, it does not list the
+    table again, nor start footer-reading actors (a process each) to do so."""
+    import ray.data
+
+    ds = ray.data.from_items([{"path": f} for f in files], override_num_blocks=max(1, len(files)))
+    ds = ds.map_batches(parquet_file_batches, batch_size=1, batch_format="pyarrow", fn_kwargs={"uri": uri, "storage": storage, "columns": columns, "rows": rows})
+    # a task's outputs are joined into blocks of up to 128 MiB on the way out: cut them again
+    return ds.repartition(target_num_rows_per_block=rows)
 
 
 def read_parquet(uri: str, storage: StorageConfig | None = None, columns: list[str] | None = None) -> pa.Table:

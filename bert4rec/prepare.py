@@ -404,6 +404,13 @@ def _rated(batch: pa.Table) -> pa.Table:
     return pa.table({"rated": [batch["rating"].null_count < batch.num_rows]})
 
 
+# Parquet dictionary encoding where values repeat (item ids, ratings); pyarrow's default also
+# tries user ids and timestamps, nearly all distinct, which costs more than it saves: a
+# 50k-user file of the score benchmark wrote in 0.58 s and read whole in 0.80 s, against
+# 0.14 s and 0.28 s (and 2% smaller) with these alone.
+DICTIONARY_COLUMNS = ["item_ids.list.element", "ratings.list.element", f"{data.TRUNCATED_COLUMN}.list.element"]
+
+
 def _write(cfg: PrepareConfig, histories, pending, vocab: pa.Table, stats: dict) -> None:
     """All or nothing for readers: the new histories/ and pending/ are written under a
     staging name next to the old ones, then moved into place; stats.json, removed first and
@@ -420,7 +427,7 @@ def _write(cfg: PrepareConfig, histories, pending, vocab: pa.Table, stats: dict)
             continue
         fs, path = arrow_filesystem(join(staging, name), cfg.storage)
         # files of at most USERS_PER_FILE users: several files let several scoring actors share the work
-        ds.repartition(target_num_rows_per_block=USERS_PER_FILE).write_parquet(path, filesystem=fs, compression="zstd")
+        ds.repartition(target_num_rows_per_block=USERS_PER_FILE).write_parquet(path, filesystem=fs, compression="zstd", use_dictionary=DICTIONARY_COLUMNS)
     fs, out_path = filesystem(cfg.out, cfg.storage)
     # from here until the new stats.json the directory is incomplete: say so by having none
     if fs.exists(posixpath.join(out_path, "stats.json")):

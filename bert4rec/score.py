@@ -3,11 +3,11 @@
     bert4rec score --checkpoint out/train --histories out/prepared/histories --out out/recs
 
 Pipeline (Ray Data, streaming):
-    read_parquet(histories)
+    the histories' files, as the driver listed them -> blocks of batch_size users (io.parquet_dataset)
     [-> hash shuffle on user_id with a per-user --exclude too large for the driver]
     -> map_batches(featurize)            CPU tasks: ids -> tokens, truncate, append [MASK]
     -> map_batches(Scorer, actor pool)   model + top-k with seen/excluded items removed
-    -> write_parquet(<out>/_staging/<run_id>)
+    -> write_parquet(<out>/_staging/<run_id>)   dictionary-encoded where values repeat
 then: verify one row per distinct input user -> move into <out> -> write <out>/_SUCCESS.
 The driver checks the user ids of a table of up to DRIVER_CHECK_MAX_USERS users itself; a
 larger table's are checked by a hash shuffle on the cluster (``check_users_on_cluster``), so
@@ -38,7 +38,7 @@ from bert4rec import checkpoint as ckpt_lib
 from bert4rec import cluster
 from bert4rec import console, data, locks, publish
 from bert4rec.config import ScoreConfig, StorageConfig
-from bert4rec.io import InputError, arrow_filesystem, filesystem, input_error_in, join, parquet_footers, read_parquet
+from bert4rec.io import InputError, arrow_filesystem, filesystem, input_error_in, join, parquet_dataset, parquet_footers, read_parquet
 from bert4rec.model import BERT4Rec
 from bert4rec.ranking import chunked_topk, topk_excluding
 
@@ -211,6 +211,14 @@ def to_rows(
         columns["titles"] = pa.ListArray.from_arrays(offsets, pa.array(titles[flat_tokens], pa.string()))
         schema = schema.append(pa.field("titles", pa.list_(pa.string())))
     return pa.table(columns, schema=schema)
+
+
+def dictionary_columns(titles: bool) -> list[str]:
+    """The output columns worth Parquet's dictionary encoding: the one model version, and item
+    ids and titles, which repeat across users. Pyarrow's default tries every column, and on
+    the scores and user ids (nearly all distinct) it costs ~15x the write for a larger file
+    (100k users: 0.6 s and 6.1 MB against 0.04 s and 5.5 MB)."""
+    return ["model_version", "item_ids.list.element"] + (["titles.list.element"] if titles else [])
 
 
 # ---------------------------------------------------------------- the Ray actor
@@ -407,6 +415,7 @@ class HistoriesCheck(NamedTuple):
     users: int  # rows, from the Parquet footers
     ids: np.ndarray | None  # the sorted distinct user ids when the driver checked them; None: too many, the cluster checks
     schema: pa.Schema
+    files: list[str]  # the table's Parquet files, from its one listing
 
     @property
     def has_ratings(self) -> bool:
@@ -429,13 +438,13 @@ def check_histories(uri: str, storage: StorageConfig, max_driver_users: int | No
             raise InputError(f"--histories {uri}: column {name!r} must be {expected}, found {schema.field(name).type}")
     rows = footers.rows
     if rows > (DRIVER_CHECK_MAX_USERS if max_driver_users is None else max_driver_users):
-        return HistoriesCheck(rows, None, schema)
+        return HistoriesCheck(rows, None, schema, footers.files)
     users = data.int64_ids(read_parquet(uri, storage, columns=["user_id"])["user_id"], "user_id", f"--histories {uri}")
     u = np.sort(users.to_numpy())
     dup = u[1:][u[1:] == u[:-1]]
     if len(dup):
         raise InputError(duplicates_error(uri, len(np.unique(dup)), int(dup[0])))
-    return HistoriesCheck(rows, u, schema)
+    return HistoriesCheck(rows, u, schema, footers.files)
 
 
 def duplicates_error(uri: str, duplicated: int, example: int) -> str:
@@ -457,7 +466,7 @@ def check_users_on_cluster(histories: str, storage: StorageConfig, users: int, s
 
     def side(uri: str, n: int, columns: list[str]):
         fs, path = arrow_filesystem(uri, storage)
-        ds = ray.data.read_parquet(path, filesystem=fs, file_extensions=["parquet"], columns=columns)
+        ds = ray.data.read_parquet(path, filesystem=fs, file_extensions=["parquet"]).select_columns(columns)
         return ds.map_batches(user_side, batch_format="pyarrow", fn_kwargs={"side": n})
 
     ds = side(histories, 0, ["user_id"])
@@ -611,17 +620,15 @@ def _score_and_publish(cfg, loaded, hist, exclusions, titles, timings, t0, manif
     run_id = dt.datetime.now(dt.timezone.utc).strftime("%Y%m%dT%H%M%S") + "-" + uuid.uuid4().hex[:8]
     staging = publish.staging_dir(cfg.out, run_id)
     generated_at = dt.datetime.now(dt.timezone.utc).replace(microsecond=0)
-    hist_fs, hist_path = arrow_filesystem(cfg.histories, cfg.storage)
     columns = ["user_id", "item_ids"] + (["ratings"] if hist.has_ratings and mc.use_ratings else [])
     if data.TRUNCATED_COLUMN in hist.schema.names:
         columns.append(data.TRUNCATED_COLUMN)
     t1 = time.time()
-    ds = ray.data.read_parquet(hist_path, filesystem=hist_fs, file_extensions=["parquet"]).select_columns(columns)
+    # batch-sized blocks: every actor takes a share, and the last one does not run alone
+    ds = parquet_dataset(cfg.histories, hist.files, cfg.storage, columns, cfg.batch_size)
     if exclusions.files is not None:
         ds = join_exclusions_on_cluster(ds, cfg.exclude, exclusions.files, cfg.storage, pa.schema([hist.schema.field(c) for c in columns]), hist.users)
-    # The reader packs whole files into blocks of up to 128 MiB (all of a small table in one).
-    # Batch-sized blocks let every actor take a share and keep the last one from running alone.
-    ds = ds.repartition(target_num_rows_per_block=cfg.batch_size)
+        ds = ds.repartition(target_num_rows_per_block=cfg.batch_size)  # the shuffle's partitions are large
     ds = ds.map_batches(
         featurize,
         batch_format="pyarrow",
@@ -667,7 +674,7 @@ def _score_and_publish(cfg, loaded, hist, exclusions, titles, timings, t0, manif
     with console.progress("scoring", hist.users):
         try:
             # scoring runs in blocks of batch_size users; consumers would rather read few large files
-            ds.write_parquet(staging_path, filesystem=out_fs, min_rows_per_file=cfg.rows_per_file)
+            ds.write_parquet(staging_path, filesystem=out_fs, min_rows_per_file=cfg.rows_per_file, use_dictionary=dictionary_columns(titles is not None))
         except Exception as e:
             raise input_error_in(e) or e
     timings["score_s"] = time.time() - t1

@@ -30,7 +30,7 @@ from bert4rec import cluster
 from bert4rec import console
 from bert4rec import data
 from bert4rec.config import TrainConfig, TrainSettings
-from bert4rec.io import InputError, arrow_filesystem, filesystem, join, parquet_footers, read_json, read_parquet, write_json
+from bert4rec.io import InputError, arrow_filesystem, filesystem, join, parquet_dataset, parquet_footers, read_json, read_parquet, write_json
 from bert4rec.metrics import EvalSet, make_eval_set, model_ranks, popularity, popularity_ranks, sampled_histories
 from bert4rec.model import BERT4Rec, BERT4RecConfig, cloze_loss, negative_sampler, sampled_cloze_loss
 from bert4rec.ranking import hr_ndcg_mrr
@@ -469,6 +469,8 @@ class Prepared(NamedTuple):
     histories: str  # URI
     users: int  # from the Parquet footers
     has_ratings: bool  # the histories have a ratings column
+    files: list[str]  # the histories' Parquet files, from the one listing
+    columns: list[str]  # the histories' columns
 
 
 def read_prepared(cfg_data: str, storage) -> Prepared:
@@ -485,7 +487,10 @@ def read_prepared(cfg_data: str, storage) -> Prepared:
     for name in ("user_id", "item_ids"):
         if name not in names:
             raise InputError(f"{hist_uri}: missing column {name!r}")
-    return Prepared(vocab, hist_uri, footers.rows, "ratings" in names)
+    return Prepared(vocab, hist_uri, footers.rows, "ratings" in names, footers.files, names)
+
+
+SAMPLE_READ_ROWS = 65_536  # histories per block read for the validation sample
 
 
 def read_sample(hist_uri: str, storage, max_users: int, users: int, seed: int) -> pa.Table:
@@ -493,10 +498,10 @@ def read_sample(hist_uri: str, storage, max_users: int, users: int, seed: int) -
     read from every file with Ray Data (:func:`bert4rec.metrics.sampled_histories`; of a sample
     that the hash lets grow past ``max_users``, the lowest hashes are kept), sorted by user_id."""
     import ray
-    import ray.data
 
-    hist_fs, hist_path = arrow_filesystem(hist_uri, storage)
-    ds = ray.data.read_parquet(hist_path, filesystem=hist_fs, file_extensions=["parquet"])
+    footers = parquet_footers(hist_uri, storage)
+    columns = [c for c in ("user_id", "item_ids", "ratings", data.TRUNCATED_COLUMN) if c in footers.schema.names]
+    ds = parquet_dataset(hist_uri, footers.files, storage, columns, SAMPLE_READ_ROWS)
     ds = ds.map_batches(sampled_histories, batch_format="pyarrow", fn_kwargs={"max_users": max_users, "users": users, "seed": seed})
     parts = [t for t in ray.get(ds.to_arrow_refs()) if t.num_rows]
     if not parts:
@@ -520,7 +525,8 @@ def train(cfg: TrainConfig, callbacks: Sequence[EpochCallback] = ()) -> dict:
 
     t0 = time.time()
     cluster.require_shared_storage({"data": cfg.data, "out": cfg.out, "init_from": cfg.init_from}, cfg.storage)
-    vocab, hist_uri, users, has_ratings = read_prepared(cfg.data, cfg.storage)
+    prepared = read_prepared(cfg.data, cfg.storage)
+    vocab, hist_uri, users, has_ratings = prepared.vocab, prepared.histories, prepared.users, prepared.has_ratings
     model_cfg = cfg.model.settled(len(vocab), has_ratings)
     if model_cfg.use_ratings and not has_ratings:
         # caught here, on the driver: the workers would each fail inside DDP instead
@@ -541,7 +547,9 @@ def train(cfg: TrainConfig, callbacks: Sequence[EpochCallback] = ()) -> dict:
     val_popularity = hr_ndcg_mrr(pop_ranks, 10)
 
     hist_fs, hist_path = arrow_filesystem(join(cfg.data, "histories"), cfg.storage)
-    ds = ray.data.read_parquet(hist_path, filesystem=hist_fs, file_extensions=["parquet"])
+    # the columns training_rows reads (not the timestamps, as costly to decode as the rest)
+    columns = [c for c in ("user_id", "item_ids", "ratings") if c in prepared.columns]
+    ds = ray.data.read_parquet(hist_path, filesystem=hist_fs, file_extensions=["parquet"]).select_columns(columns)
     ds = ds.map_batches(
         training_rows,
         batch_format="pyarrow",

@@ -96,6 +96,10 @@ def test_every_user_gets_k_unseen_items(base, histories, loaded, trained_run):
     assert {k: base["result"][k] for k in manifest} == manifest
     # 600 users scored in blocks of 128, joined into one file (rows_per_file: 100,000)
     assert len(manifest["files"]) == 1
+    # dictionary-encoded where values repeat (item ids, the model version), plain where they do not
+    meta = pq.ParquetFile(os.path.join(base["out"], manifest["files"][0])).metadata.row_group(0)
+    dictionary = {meta.column(i).path_in_schema for i in range(meta.num_columns) if "RLE_DICTIONARY" in meta.column(i).encodings}
+    assert dictionary == {"item_ids.list.element", "model_version"}
 
 
 def test_scores_agree_with_the_model_called_directly(base, histories, loaded):
