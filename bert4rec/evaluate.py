@@ -3,7 +3,7 @@
     bert4rec evaluate --checkpoint out/train --data out/prepared --actors 2
 
 Pipeline (Ray Data, streaming; the driver never holds per-user data):
-    read_parquet(histories) -> hash sample of users (``max_users``)
+    the histories' files (io.parquet_dataset) -> hash sample of users (``max_users``)
     -> map_batches(popularity_rows)             per-batch popularity counts, summed on the driver
     -> map_batches(Evaluator, actor pool)       model + popularity ranks -> per-batch exact sums
 then the sums are added up and turned into the metrics. ``evaluate_in_process`` computes the

@@ -490,7 +490,7 @@ def read_prepared(cfg_data: str, storage) -> Prepared:
     return Prepared(vocab, hist_uri, footers.rows, "ratings" in names, footers.files, names)
 
 
-SAMPLE_READ_ROWS = 65_536  # histories per block read for the validation sample
+READ_ROWS = 65_536  # histories per block read for training and for its validation sample
 
 
 def read_sample(hist_uri: str, storage, max_users: int, users: int, seed: int) -> pa.Table:
@@ -501,7 +501,7 @@ def read_sample(hist_uri: str, storage, max_users: int, users: int, seed: int) -
 
     footers = parquet_footers(hist_uri, storage)
     columns = [c for c in ("user_id", "item_ids", "ratings", data.TRUNCATED_COLUMN) if c in footers.schema.names]
-    ds = parquet_dataset(hist_uri, footers.files, storage, columns, SAMPLE_READ_ROWS)
+    ds = parquet_dataset(hist_uri, footers.files, storage, columns, READ_ROWS)
     ds = ds.map_batches(sampled_histories, batch_format="pyarrow", fn_kwargs={"max_users": max_users, "users": users, "seed": seed})
     parts = [t for t in ray.get(ds.to_arrow_refs()) if t.num_rows]
     if not parts:
@@ -546,10 +546,9 @@ def train(cfg: TrainConfig, callbacks: Sequence[EpochCallback] = ()) -> dict:
     pop_ranks, _ = popularity_ranks(pop, val_set)
     val_popularity = hr_ndcg_mrr(pop_ranks, 10)
 
-    hist_fs, hist_path = arrow_filesystem(join(cfg.data, "histories"), cfg.storage)
     # the columns training_rows reads (not the timestamps, as costly to decode as the rest)
     columns = [c for c in ("user_id", "item_ids", "ratings") if c in prepared.columns]
-    ds = ray.data.read_parquet(hist_path, filesystem=hist_fs, file_extensions=["parquet"]).select_columns(columns)
+    ds = parquet_dataset(hist_uri, prepared.files, cfg.storage, columns, READ_ROWS)
     ds = ds.map_batches(
         training_rows,
         batch_format="pyarrow",

@@ -112,7 +112,8 @@ def test_a_local_out_is_refused_on_the_multi_node_cluster(cluster, s3, config, t
 
 
 def test_the_nightly_job_trains_and_scores_across_nodes_and_publishes(cluster, s3, config):
-    sid, result = cluster.submit(["jobs/nightly.py", "--config", config["yaml"], "--date", DATE], submission_id=f"nightly-{DATE}-multinode")
+    # the nightly job with batches that take 0.25 s, as real ones do (tests/jobs/faulty_nightly.py)
+    sid, result = cluster.submit(["tests/jobs/faulty_nightly.py", "--config", config["yaml"], "--date", DATE, "--min-batch-s", "0.25"], submission_id=f"nightly-{DATE}-multinode")
     assert result.returncode == 0 and cluster.info(sid)["status"] == "SUCCEEDED", job_failure(cluster, sid, result)
 
     storage, out = s3["storage"], config["config"]["out"]
@@ -134,11 +135,12 @@ def test_the_nightly_job_trains_and_scores_across_nodes_and_publishes(cluster, s
     # Both scoring actors scored: each ran batches, on its own node (one CPU each, so never two
     # on one node). The cluster's Ray Data waits for the whole actor pool before the read starts
     # (RAY_DATA_DEFAULT_WAIT_FOR_MIN_ACTORS_S in its environment, see the cluster fixture), and
-    # the 300 users come in 19 blocks of 16, two in flight per actor: the first actor to be
-    # ready cannot take them all. Task events reach the state API a moment after the job ends.
+    # each batch takes 0.25 s (a tiny model scores 16 users in ~12 ms, less than a round of Ray
+    # Data's dispatch loop: the first actor ready would take every batch, each done before the
+    # next arrives). Task events reach the state API a moment after the job ends.
     scorers = {a["actor_id"]: a["node_id"] for a in actors if re.search(r"MapWorker\(.*Scorer", a["class_name"])}
     assert len(scorers) == 2 and len(set(scorers.values())) == 2 and set(scorers.values()) <= nodes.keys(), summary
-    blocks = -(-USERS // 16)  # the pipeline's repartition cuts blocks of 16 across files
+    blocks = -(-USERS // 16)  # one histories file of 300 users, read in blocks of 16 (the last of 12)
     batches: dict[str, int] = {}
     for _ in range(50):
         batches = {actor: len([t for t in cluster.tasks(actor_id=actor, state="FINISHED") if t["name"].endswith(".submit")]) for actor in scorers}
