@@ -18,6 +18,16 @@ REQUIRED_COLUMNS = ("user_id", "item_id", "timestamp")
 # histories column: distinct item ids a user had before ``item_ids`` when ``max_len`` cut
 # the history; never model input, always excluded from what the user is recommended
 TRUNCATED_COLUMN = "truncated_item_ids"
+
+
+def history_columns(names: list[str], use_ratings: bool) -> list[str]:
+    """The histories columns (of ``names``) that ranking a user reads: user_id, item_ids,
+    ratings when the model uses them, and the ids ``max_len`` cut, which are never
+    recommended. Not the timestamps, which cost as much to decode as the rest."""
+    optional = (["ratings"] if use_ratings else []) + [TRUNCATED_COLUMN]
+    return ["user_id", "item_ids"] + [c for c in optional if c in names]
+
+
 # MovieLens' ratings.csv spelling -> ours
 COLUMN_ALIASES = {"userId": "user_id", "movieId": "item_id", "itemId": "item_id"}
 

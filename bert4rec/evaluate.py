@@ -89,8 +89,8 @@ def evaluate(cfg: EvaluateConfig) -> dict:
     hist_uri, users = prepared.histories, prepared.users
     mc = loaded.model.config
     console.ensure_ray()
-    columns = _columns(prepared.columns, mc.use_ratings)
-    ds = parquet_dataset(hist_uri, prepared.files, cfg.storage, columns, cfg.batch_size)
+    columns = data.history_columns(prepared.footers.schema.names, mc.use_ratings)
+    ds = parquet_dataset(hist_uri, prepared.footers.files, cfg.storage, columns, cfg.batch_size)
     ds = ds.map_batches(sampled_histories, batch_format="pyarrow", fn_kwargs={"max_users": cfg.max_users, "users": users, "seed": cfg.seed})
 
     # pass 1: popularity over the sampled users' input histories, summed block by block
@@ -138,14 +138,10 @@ def evaluate_in_process(cfg: EvaluateConfig) -> dict:
     prepared = read_prepared(cfg.data, cfg.storage)
     hist_uri, users = prepared.histories, prepared.users
     mc = loaded.model.config
-    histories = sampled_histories(read_parquet(hist_uri, cfg.storage, columns=_columns(prepared.columns, mc.use_ratings)), cfg.max_users, users, cfg.seed)
+    histories = sampled_histories(read_parquet(hist_uri, cfg.storage, columns=data.history_columns(prepared.footers.schema.names, mc.use_ratings)), cfg.max_users, users, cfg.seed)
     e = make_eval_set(histories, loaded.vocab_ids, cfg.split, mc.max_len, mc.mask_token, mc.use_ratings)
     counts = popularity(e, mc.num_items)
     device = "cuda" if cfg.gpu else "cpu"
     sums = eval_sums(loaded.model.to(device), e, counts, cfg.negatives, cfg.seed, cfg.k, cfg.batch_size, device)
     return result(sums, histories.num_rows, cfg.k, cfg.split, loaded)
 
-
-def _columns(names: list[str], use_ratings: bool) -> list[str]:
-    optional = (["ratings"] if use_ratings else []) + [data.TRUNCATED_COLUMN]
-    return ["user_id", "item_ids"] + [c for c in optional if c in names]

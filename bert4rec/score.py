@@ -620,9 +620,7 @@ def _score_and_publish(cfg, loaded, hist, exclusions, titles, timings, t0, manif
     run_id = dt.datetime.now(dt.timezone.utc).strftime("%Y%m%dT%H%M%S") + "-" + uuid.uuid4().hex[:8]
     staging = publish.staging_dir(cfg.out, run_id)
     generated_at = dt.datetime.now(dt.timezone.utc).replace(microsecond=0)
-    columns = ["user_id", "item_ids"] + (["ratings"] if hist.has_ratings and mc.use_ratings else [])
-    if data.TRUNCATED_COLUMN in hist.schema.names:
-        columns.append(data.TRUNCATED_COLUMN)
+    columns = data.history_columns(hist.schema.names, mc.use_ratings)
     t1 = time.time()
     # batch-sized blocks: every actor takes a share, and the last one does not run alone
     ds = parquet_dataset(cfg.histories, hist.files, cfg.storage, columns, cfg.batch_size)

@@ -30,7 +30,7 @@ from bert4rec import cluster
 from bert4rec import console
 from bert4rec import data
 from bert4rec.config import TrainConfig, TrainSettings
-from bert4rec.io import InputError, arrow_filesystem, filesystem, join, parquet_dataset, parquet_footers, read_json, read_parquet, write_json
+from bert4rec.io import InputError, ParquetFooters, arrow_filesystem, filesystem, join, parquet_dataset, parquet_footers, read_json, read_parquet, write_json
 from bert4rec.metrics import EvalSet, make_eval_set, model_ranks, popularity, popularity_ranks, sampled_histories
 from bert4rec.model import BERT4Rec, BERT4RecConfig, cloze_loss, negative_sampler, sampled_cloze_loss
 from bert4rec.ranking import hr_ndcg_mrr
@@ -469,8 +469,7 @@ class Prepared(NamedTuple):
     histories: str  # URI
     users: int  # from the Parquet footers
     has_ratings: bool  # the histories have a ratings column
-    files: list[str]  # the histories' Parquet files, from the one listing
-    columns: list[str]  # the histories' columns
+    footers: ParquetFooters  # the histories' files, schema and rows, from the one listing
 
 
 def read_prepared(cfg_data: str, storage) -> Prepared:
@@ -487,20 +486,22 @@ def read_prepared(cfg_data: str, storage) -> Prepared:
     for name in ("user_id", "item_ids"):
         if name not in names:
             raise InputError(f"{hist_uri}: missing column {name!r}")
-    return Prepared(vocab, hist_uri, footers.rows, "ratings" in names, footers.files, names)
+    return Prepared(vocab, hist_uri, footers.rows, "ratings" in names, footers)
 
 
 READ_ROWS = 65_536  # histories per block read for training and for its validation sample
 
 
-def read_sample(hist_uri: str, storage, max_users: int, users: int, seed: int) -> pa.Table:
+def read_sample(hist_uri: str, storage, max_users: int, users: int, seed: int, footers: ParquetFooters | None = None) -> pa.Table:
     """The histories of a deterministic sample of at most ``max_users`` of the ``users`` users,
     read from every file with Ray Data (:func:`bert4rec.metrics.sampled_histories`; of a sample
-    that the hash lets grow past ``max_users``, the lowest hashes are kept), sorted by user_id."""
+    that the hash lets grow past ``max_users``, the lowest hashes are kept), sorted by user_id.
+    ``footers``: the table's, where the caller has listed it already (:func:`read_prepared`)."""
     import ray
 
-    footers = parquet_footers(hist_uri, storage)
-    columns = [c for c in ("user_id", "item_ids", "ratings", data.TRUNCATED_COLUMN) if c in footers.schema.names]
+    if footers is None:
+        footers = parquet_footers(hist_uri, storage)
+    columns = data.history_columns(footers.schema.names, use_ratings=True)
     ds = parquet_dataset(hist_uri, footers.files, storage, columns, READ_ROWS)
     ds = ds.map_batches(sampled_histories, batch_format="pyarrow", fn_kwargs={"max_users": max_users, "users": users, "seed": seed})
     parts = [t for t in ray.get(ds.to_arrow_refs()) if t.num_rows]
@@ -538,7 +539,7 @@ def train(cfg: TrainConfig, callbacks: Sequence[EpochCallback] = ()) -> dict:
     console.ensure_ray()
     # per-epoch validation on a bounded hash sample of users from every file: the same users
     # night after night, whatever the file layout (the first file holds the oldest ids only)
-    sample = read_sample(hist_uri, cfg.storage, cfg.max_eval_users, users, cfg.seed)
+    sample = read_sample(hist_uri, cfg.storage, cfg.max_eval_users, users, cfg.seed, prepared.footers)
 
     vocab_ids = vocab["item_id"].to_numpy()
     val_set = make_eval_set(sample, vocab_ids, "val", model_cfg.max_len, model_cfg.mask_token, model_cfg.use_ratings)
@@ -547,8 +548,8 @@ def train(cfg: TrainConfig, callbacks: Sequence[EpochCallback] = ()) -> dict:
     val_popularity = hr_ndcg_mrr(pop_ranks, 10)
 
     # the columns training_rows reads (not the timestamps, as costly to decode as the rest)
-    columns = [c for c in ("user_id", "item_ids", "ratings") if c in prepared.columns]
-    ds = parquet_dataset(hist_uri, prepared.files, cfg.storage, columns, READ_ROWS)
+    columns = [c for c in ("user_id", "item_ids", "ratings") if c in prepared.footers.schema.names]
+    ds = parquet_dataset(hist_uri, prepared.footers.files, cfg.storage, columns, READ_ROWS)
     ds = ds.map_batches(
         training_rows,
         batch_format="pyarrow",

@@ -279,3 +279,10 @@ def test_every_dropped_row_is_counted_with_its_reason():
     }
     rows_dropped = sum(v for k, v in stats["dropped"].items() if k != "short_users")
     assert stats["input_rows"] == 10 == stats["interactions"] + rows_dropped
+
+
+def test_history_columns_are_what_ranking_reads_of_what_the_table_has():
+    names = ["user_id", "item_ids", "timestamps", "ratings", data.TRUNCATED_COLUMN]
+    assert data.history_columns(names, use_ratings=True) == ["user_id", "item_ids", "ratings", data.TRUNCATED_COLUMN]
+    assert data.history_columns(names, use_ratings=False) == ["user_id", "item_ids", data.TRUNCATED_COLUMN]
+    assert data.history_columns(["user_id", "item_ids", "timestamps"], use_ratings=True) == ["user_id", "item_ids"]
