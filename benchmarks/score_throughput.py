@@ -78,7 +78,7 @@ def parse_args(argv=None):
     p.add_argument("--items", type=int, default=20_000)
     p.add_argument("--max-len", type=int, default=200, help="longest history and the model's max_len")
     p.add_argument("--mean-len", type=int, default=40, help="mean history length of the generator")
-    p.add_argument("--batch-size", type=int, default=2048, help="ScoreConfig.batch_size (and the bare loop's)")
+    p.add_argument("--batch-size", type=int, default=4096, help="ScoreConfig.batch_size (and the bare loop's)")
     # defaults: configs/score.yaml's (two one-thread actors) on CPU; one actor per GPU with --gpu
     p.add_argument("--actors", type=int, default=None, help="ScoreConfig.actors (default 2; 1 with --gpu)")
     p.add_argument("--cpus-per-actor", type=float, default=None, help="ScoreConfig.cpus_per_actor (default 0.5; 1 with --gpu)")
