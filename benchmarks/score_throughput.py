@@ -9,6 +9,7 @@ Reduced sizes for a small machine (what benchmarks/README.md reports; the scalin
 length 50 so that 200k users take minutes, not half an hour, on 2 busy cores):
 
     .venv/bin/python benchmarks/score_throughput.py --users 20000
+    .venv/bin/python benchmarks/score_throughput.py --users 100000 --rounds 5   # five alternated pairs, median ratio
     .venv/bin/python benchmarks/score_throughput.py --memory-scaling --scaling-users 20000,200000 --max-len 50 --mean-len 20
     .venv/bin/python benchmarks/score_throughput.py --memory-scaling --scaling-users 20000,200000 --max-len 50 --mean-len 20 \
         --ray-env MALLOC_MMAP_THRESHOLD_=1048576
@@ -46,7 +47,8 @@ e.g. the object store and torch's libraries mapped by every worker, split betwee
 processes that map them) and of its summed RSS (counts shared pages once per process, so it
 over-states a many-process tree). psutil is used where installed, else /proc is parsed.
 
-Modes: default = throughput (ray vs bare, ratio, target >= 0.9x);
+Modes: default = throughput (ray vs bare, ratio, target >= 0.9x; ``--rounds N`` alternates N
+pairs and prints the median ratio, steadier than one pair on a shared machine);
 ``--memory-scaling``: the ray path at each of ``--scaling-users`` sizes (target: peak grows
 <= 20% from the smallest to the largest); ``--catalogue N``: an N-item catalogue scored for
 ``--catalogue-users`` users with chunked top-k (``--item-chunk-size``), ray and bare.
@@ -68,6 +70,7 @@ import subprocess
 import sys
 import threading
 import time
+from statistics import median
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
@@ -107,6 +110,13 @@ def parse_args(argv=None):
     p.add_argument("--catalogue", type=int, default=None, metavar="ITEMS", help="score an ITEMS-item catalogue")
     p.add_argument("--catalogue-users", type=int, default=2000)
     p.add_argument("--paths", default="ray,bare", help="which paths to run in throughput/catalogue modes")
+    p.add_argument(
+        "--rounds",
+        type=int,
+        default=1,
+        help="run the paths this many times, alternated (ray, bare, ray, bare, ...), and print each round's ratio and the median: "
+        "on a shared machine one pair can be 10%% off either way",
+    )
     p.add_argument("--sample-s", type=float, default=0.5, help="memory sampling period")
     p.add_argument("--workdir", default="/tmp/bert4rec-bench", help="generated data, checkpoints and outputs")
     p.add_argument("--seed", type=int, default=0)
@@ -501,23 +511,34 @@ def main(argv=None):
         items = args.catalogue if args.catalogue else args.items
         d = ensure_data(args, users, items)
         ckpt = ensure_checkpoint(args, d, items)
-        results = {}
-        for path in [p.strip() for p in args.paths.split(",") if p.strip()]:
-            results[path] = run_child(args, base, path, d, users, ckpt)
-            print(f"  {path}: {results[path]['wall_s']:.1f} s", flush=True)
+        paths = [p.strip() for p in args.paths.split(",") if p.strip()]
+        rounds = []
+        for i in range(args.rounds):
+            results = {}
+            for path in paths:
+                results[path] = run_child(args, base, path, d, users, ckpt)
+                print(f"  {path}: {results[path]['wall_s']:.1f} s" + (f" (round {i + 1} of {args.rounds})" if args.rounds > 1 else ""), flush=True)
+            rounds.append(results)
         print(f"\nusers={users:,} items={items:,} mean_len={args.mean_len} max_len={args.max_len}\n" + HEADER)
-        for path, r in results.items():
-            print(_line(path, r))
-        for path, r in results.items():
-            print(f"CPU s by process ({path}): " + ", ".join(f"{k} {v:.1f}" for k, v in r["cpu_by_role"].items() if v >= 0.5))
-        if "ray" in results and "bare" in results:
-            a, b = results["ray"], results["bare"]
-            print(
-                f"\nray / bare throughput: {(a['users'] / a['wall_s']) / (b['users'] / b['wall_s']):.2f}x (target >= 0.9x); "
-                f"ray pipeline phase alone: {(a['users'] / max(a['timings'].get('score_s', a['wall_s']), 1e-9)) / (b['users'] / b['wall_s']):.2f}x; "
-                f"users per CPU-second ray/bare: {(a['users'] / a['tree_cpu_s']) / (b['users'] / b['tree_cpu_s']):.2f}x; "
-                f"peak PSS ray/bare: {a['peak_pss_mib'] / b['peak_pss_mib']:.1f}x"
-            )
+        for results in rounds:
+            for path, r in results.items():
+                print(_line(path, r))
+        for i, results in enumerate(rounds):
+            for path, r in results.items():
+                print(f"CPU s by process ({path}" + (f", round {i + 1}" if args.rounds > 1 else "") + "): " + ", ".join(f"{k} {v:.1f}" for k, v in r["cpu_by_role"].items() if v >= 0.5))
+        if "ray" in paths and "bare" in paths:
+            ratios = []
+            for results in rounds:
+                a, b = results["ray"], results["bare"]
+                ratios.append((a["users"] / a["wall_s"]) / (b["users"] / b["wall_s"]))
+                print(
+                    f"\nray / bare throughput: {ratios[-1]:.2f}x (target >= 0.9x); "
+                    f"ray pipeline phase alone: {(a['users'] / max(a['timings'].get('score_s', a['wall_s']), 1e-9)) / (b['users'] / b['wall_s']):.2f}x; "
+                    f"users per CPU-second ray/bare: {(a['users'] / a['tree_cpu_s']) / (b['users'] / b['tree_cpu_s']):.2f}x; "
+                    f"peak PSS ray/bare: {a['peak_pss_mib'] / b['peak_pss_mib']:.1f}x"
+                )
+            if len(ratios) > 1:
+                print(f"\nray / bare over {len(ratios)} rounds: " + ", ".join(f"{x:.2f}x" for x in ratios) + f"; median {median(ratios):.2f}x, min {min(ratios):.2f}x, max {max(ratios):.2f}x")
     load = os.getloadavg()
     print(f"load average after: {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}")
     return 0
