@@ -124,6 +124,8 @@ def parse_args(argv=None):
     p.add_argument("--data-dir", help=argparse.SUPPRESS)
     p.add_argument("--ckpt-dir", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
+    if args.rounds < 1:
+        p.error(f"--rounds must be at least 1, got {args.rounds}")
     if args.sub_batch is None:
         from bert4rec.config import ScoreSettings
 
