@@ -38,7 +38,7 @@ from bert4rec import checkpoint as ckpt_lib
 from bert4rec import cluster
 from bert4rec import console, data, locks, publish
 from bert4rec.config import ScoreConfig, StorageConfig
-from bert4rec.io import InputError, arrow_filesystem, filesystem, input_error_in, join, parquet_dataset, parquet_footers, read_parquet
+from bert4rec.io import InputError, ParquetFooters, arrow_filesystem, filesystem, input_error_in, join, parquet_dataset, parquet_footers, read_parquet
 from bert4rec.model import BERT4Rec
 from bert4rec.ranking import chunked_topk, topk_excluding
 
@@ -412,10 +412,20 @@ USERS_PER_EXCLUDE_PARTITION = 200_000
 
 
 class HistoriesCheck(NamedTuple):
-    users: int  # rows, from the Parquet footers
+    footers: ParquetFooters  # the table's files, schema and rows, from its one listing
     ids: np.ndarray | None  # the sorted distinct user ids when the driver checked them; None: too many, the cluster checks
-    schema: pa.Schema
-    files: list[str]  # the table's Parquet files, from its one listing
+
+    @property
+    def users(self) -> int:
+        return self.footers.rows
+
+    @property
+    def schema(self) -> pa.Schema:
+        return self.footers.schema
+
+    @property
+    def files(self) -> list[str]:
+        return self.footers.files
 
     @property
     def has_ratings(self) -> bool:
@@ -438,13 +448,13 @@ def check_histories(uri: str, storage: StorageConfig, max_driver_users: int | No
             raise InputError(f"--histories {uri}: column {name!r} must be {expected}, found {schema.field(name).type}")
     rows = footers.rows
     if rows > (DRIVER_CHECK_MAX_USERS if max_driver_users is None else max_driver_users):
-        return HistoriesCheck(rows, None, schema, footers.files)
+        return HistoriesCheck(footers, None)
     users = data.int64_ids(read_parquet(uri, storage, columns=["user_id"])["user_id"], "user_id", f"--histories {uri}")
     u = np.sort(users.to_numpy())
     dup = u[1:][u[1:] == u[:-1]]
     if len(dup):
         raise InputError(duplicates_error(uri, len(np.unique(dup)), int(dup[0])))
-    return HistoriesCheck(rows, u, schema, footers.files)
+    return HistoriesCheck(footers, u)
 
 
 def duplicates_error(uri: str, duplicated: int, example: int) -> str:

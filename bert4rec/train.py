@@ -467,9 +467,15 @@ def train_loop_per_worker(loop_config: dict) -> None:
 class Prepared(NamedTuple):
     vocab: pa.Table
     histories: str  # URI
-    users: int  # from the Parquet footers
-    has_ratings: bool  # the histories have a ratings column
     footers: ParquetFooters  # the histories' files, schema and rows, from the one listing
+
+    @property
+    def users(self) -> int:
+        return self.footers.rows
+
+    @property
+    def has_ratings(self) -> bool:
+        return "ratings" in self.footers.schema.names
 
 
 def read_prepared(cfg_data: str, storage) -> Prepared:
@@ -486,7 +492,7 @@ def read_prepared(cfg_data: str, storage) -> Prepared:
     for name in ("user_id", "item_ids"):
         if name not in names:
             raise InputError(f"{hist_uri}: missing column {name!r}")
-    return Prepared(vocab, hist_uri, footers.rows, "ratings" in names, footers)
+    return Prepared(vocab, hist_uri, footers)
 
 
 READ_ROWS = 65_536  # histories per block read for training and for its validation sample
