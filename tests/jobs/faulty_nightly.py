@@ -9,7 +9,7 @@ jobs/nightly.py.
 The first scoring actor exits hard on its first batch and Ray Data starts another, which
 keeps the scoring stage open a few seconds longer than ``ray job stop`` needs to land in it.
 Once per run: ``--fail-marker`` is created before the exit. ``--min-batch-s``: every batch
-takes at least that long, as a real one does (2,048 users: ~0.6 s on a CPU); a test's batch of
+takes at least that long, as a real one does (4,096 users: ~1.5 s on a one-thread CPU actor); a test's batch of
 16 users of a tiny model takes ~12 ms, less than a round of Ray Data's dispatch loop, so the
 first actor ready would score every batch while the other idles. The failure reaches the product
 through its own extension point (``nightly(cfg, scorer_cls=...)``); the configs carry no
